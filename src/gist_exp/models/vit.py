@@ -1,0 +1,91 @@
+"""The classifier: a timm VisionTransformer run on the sequence [CLS, GIST, prompts, patches]."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from timm.models.vision_transformer import VisionTransformer
+
+from .gist import GistToken
+from .vpt import Prompts
+
+NORMALIZATIONS = {
+    "0.5": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # GIST / SSF recipe
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # NOAH Adapter / LoRA
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),  # PETL_Vision: ToTensor only
+}
+
+
+class PixelNormalize(nn.Module):
+    """uint8 (B, 3, H, W) -> ToTensor + Normalize, on whatever device the batch is on."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float().div(255).sub(self.mean).div(self.std)
+
+
+class PeftViT(nn.Module):
+    """Input: uint8 images. Output: (CLS logits, Gist logits or None), both from the final LayerNorm.
+
+    The Gist token (index 1) and the VPT prompts (after it) are inserted after the position embedding,
+    so neither gets one; every token attends to every other one in every block.
+    """
+
+    def __init__(self, vit: VisionTransformer, normalization: str = "0.5", gist: GistToken | None = None,
+                 prompts: Prompts | None = None, gist_head: nn.Linear | None = None, predict: str = "cls"):
+        super().__init__()
+        if vit.global_pool != "token" or vit.num_prefix_tokens != 1:
+            raise ValueError("PeftViT needs a ViT with one class token and token pooling")
+        if predict not in ("cls", "gist", "mean") or (predict != "cls" and gist is None):
+            raise ValueError(f"predict={predict!r} needs one of cls|gist|mean, and gist|mean need the Gist token")
+        self.normalize = PixelNormalize(*NORMALIZATIONS[normalization])
+        self.vit = vit
+        self.gist = gist
+        self.prompts = prompts
+        self.gist_head = gist_head  # None: the Gist token shares the CLS head (official code)
+        self.predict_from = predict
+
+    @property
+    def prompt_start(self) -> int:
+        return 1 + (self.gist is not None)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.vit
+        x = vit.patch_embed(self.normalize(images))
+        x = vit._pos_embed(x)  # [CLS, patches] + position embedding
+        x = vit.norm_pre(vit.patch_drop(x))
+        batch = x.shape[0]
+        inserted = [self.gist(batch)] if self.gist is not None else []
+        if self.prompts is not None:
+            inserted.append(self.prompts(0, batch))
+        if inserted:
+            x = torch.cat([x[:, :1], *inserted, x[:, 1:]], dim=1)
+        start = self.prompt_start
+        for i, block in enumerate(vit.blocks):
+            if self.prompts is not None and self.prompts.deep and i > 0:
+                end = start + self.prompts.num_prompts
+                x = torch.cat([x[:, :start], self.prompts(i, batch), x[:, end:]], dim=1)
+            x = block(x)
+        return vit.norm(x)
+
+    def head(self, token: torch.Tensor, gist: bool = False) -> torch.Tensor:
+        head = self.gist_head if gist and self.gist_head is not None else self.vit.head
+        return head(self.vit.head_drop(self.vit.fc_norm(token)))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.tokens(images)
+        cls_logits = self.head(x[:, 0])
+        gist_logits = self.head(x[:, 1], gist=True) if self.gist is not None else None
+        return cls_logits, gist_logits
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        cls_logits, gist_logits = self(images)
+        if self.predict_from == "gist":
+            return gist_logits
+        if self.predict_from == "mean":
+            return (cls_logits + gist_logits) / 2
+        return cls_logits

@@ -1,0 +1,183 @@
+"""The LightningModule: loss, optimiser, the GIST recipe's schedule, evaluation, trainable-only checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError, NonFiniteLossError
+from .models import PeftViT, gist_loss
+
+
+@dataclass
+class Schedule:
+    """timm's CosineLRScheduler as the official script runs it, stepped per epoch: linear warmup from
+    `warmup_lr`, cosine over `epochs`, then `cooldown_epochs` at `min_lr`. A run with a different
+    `max_epochs` gets the same curve compressed or stretched to its length."""
+
+    epochs: int = 100
+    warmup_epochs: int = 10
+    cooldown_epochs: int = 10
+    warmup_lr: float = 1e-7
+    min_lr: float = 1e-8
+
+    @property
+    def length(self) -> int:
+        return self.epochs + self.cooldown_epochs
+
+    def lr(self, epoch: int, base_lr: float, max_epochs: int | None = None) -> float:
+        t = epoch * self.length / (max_epochs or self.length)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * (base_lr - self.warmup_lr) / self.warmup_epochs
+        if t < self.epochs:
+            return self.min_lr + 0.5 * (base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
+        return self.min_lr
+
+
+@dataclass
+class LossWeights:
+    ce_weight: float = 0.5
+    kl_weight: float = 0.75
+    temperature: float = 3.0
+
+
+class GistModule(pl.LightningModule):
+    def __init__(self, model: PeftViT, lr: float, weight_decay: float, schedule: Schedule,
+                 loss: LossWeights | None = None, compile: bool = False):
+        super().__init__()
+        self.model = model
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.schedule = schedule
+        self.loss_weights = loss or LossWeights()
+        self.strict_loading = False  # checkpoints hold the trainable parameters only
+        self.eval_history: list[tuple[int, float]] = []  # (epoch, accuracy %) when evaluated during training
+        self.test_acc: float | None = None
+        self.train_seconds = 0.0
+        self.train_images = 0
+        if compile:
+            self.model.compile()  # in place: parameter names, hence checkpoint keys, do not change
+
+    # ---- training -------------------------------------------------------------------------------
+    def loss(self, cls_logits, gist_logits, labels):
+        if gist_logits is None:
+            return F.cross_entropy(cls_logits.float(), labels)
+        w = self.loss_weights
+        return gist_loss(cls_logits, gist_logits, labels, w.ce_weight, w.kl_weight, w.temperature)
+
+    def on_train_epoch_start(self) -> None:
+        # device-side accumulators: nothing in the step waits for the device
+        self._loss_sum = torch.zeros((), device=self.device)
+        self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self._steps = 0
+        self._epoch_images = 0
+        self._epoch_start = time.perf_counter()
+
+    def training_step(self, batch, batch_idx):
+        images, labels = batch
+        loss = self.loss(*self.model(images), labels)
+        loss_value = loss.detach()
+        bad = ~torch.isfinite(loss_value) & (self._first_bad_step < 0)
+        self._first_bad_step = torch.where(bad, self.global_step, self._first_bad_step)
+        self._loss_sum += loss_value
+        self._steps += 1
+        self._epoch_images += labels.shape[0]
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        first_bad = int(self._first_bad_step)  # the one host sync of the epoch
+        if first_bad >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {first_bad} (epoch {self.current_epoch}); the run stops "
+                f"here and earlier checkpoints are kept. Lower recipe.lr or check the data.")
+        self.train_seconds += time.perf_counter() - self._epoch_start
+        self.train_images += self._epoch_images
+        self.log("train/loss", self._loss_sum / max(self._steps, 1), on_epoch=True)
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 or name.endswith(".bias") else decay).append(param)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(groups, lr=self.lr, fused=fused)
+        max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda epoch: self.schedule.lr(epoch, self.lr, max_epochs) / self.lr)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _eval_start(self):
+        self._correct = torch.zeros((), dtype=torch.long, device=self.device)
+        self._count = 0
+
+    def _eval_step(self, batch):
+        images, labels = batch
+        self._correct += (self.model.predict(images).argmax(-1) == labels).sum()
+        self._count += labels.shape[0]
+
+    def _eval_accuracy(self) -> float:
+        return 100.0 * int(self._correct) / max(self._count, 1)
+
+    def on_validation_epoch_start(self):
+        self._eval_start()
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self):
+        if self.trainer.sanity_checking:
+            return
+        acc = self._eval_accuracy()
+        self.eval_history.append((self.current_epoch, acc))
+        self.log("eval/acc_during_training", acc)
+
+    def on_test_epoch_start(self):
+        self._eval_start()
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self):
+        self.test_acc = self._eval_accuracy()
+        self.log("eval/acc", self.test_acc)
+
+    # ---- checkpoints: trainable parameters, RNG states, evaluation history ----------------------
+    def trainable_names(self) -> set[str]:
+        return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_names()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["eval_history"] = [list(e) for e in self.eval_history]
+        checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["train_images"] = self.train_images
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        own = {k: v for k, v in self.state_dict().items() if k in self.trainable_names()}
+        missing = sorted(set(own) - set(state))
+        mismatched = sorted(f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                            for k, v in own.items() if k in state and state[k].shape != v.shape)
+        if missing or mismatched:
+            listed = "\n  ".join(mismatched[:20] + [f"missing: {k}" for k in missing[:20]])
+            raise CheckpointError(f"checkpoint does not match this model:\n  {listed}\n"
+                                  "It was written by a different configuration; move it away to start over.")
+        rng = checkpoint.get("rng", {})
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.eval_history = [tuple(e) for e in checkpoint.get("eval_history", [])]
+        self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        self.train_images = checkpoint.get("train_images", 0)
