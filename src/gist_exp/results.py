@@ -9,6 +9,7 @@ import platform
 import socket
 import subprocess
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from .io import atomic_write_json, read_json
 RESULTS_FILE = "results.json"
 SCHEMA_VERSION = 1
 # Keys that change where or how a run is logged, not what it computes: they do not enter the config hash.
-NOT_HASHED = ("logger", "force", "sweep_name", "data.num_workers", "data.list_all_errors", "data.cache_dir")
+NOT_HASHED = ("logger", "force", "sweep_name", "data.num_workers", "data.list_all_errors", "data.cache_dir",
+              "trainer.progress_bar")
 
 
 def config_hash(config: dict) -> str:
@@ -67,7 +69,7 @@ def machine() -> dict[str, object]:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"host": socket.gethostname(), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-            "gpu": gpu, "platform": platform.platform()}
+            "gpu": gpu, "pid": os.getpid(), "platform": platform.platform()}
 
 
 def now() -> str:
@@ -92,6 +94,7 @@ def base_record(config: dict, output_dir: Path) -> dict:
         "params": {},
         "output_dir": str(output_dir),
         "started_at": now(),
+        "started_unix": time.time(),
         "versions": package_versions(),
         "git": git_commit(),
         "machine": machine(),
@@ -103,6 +106,7 @@ def base_record(config: dict, output_dir: Path) -> dict:
 
 def write_results(output_dir: Path, record: dict) -> Path:
     record["finished_at"] = now()
+    record["finished_unix"] = time.time()
     path = Path(output_dir) / RESULTS_FILE
     atomic_write_json(path, record)
     return path

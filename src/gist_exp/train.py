@@ -86,6 +86,17 @@ def resolve(cfg: DictConfig) -> dict:
     return config
 
 
+# The fields that say which job a record is, kept even when the config does not resolve.
+IDENTITY = {"task": "task.name", "peft": "peft.name", "gist": "gist.enabled", "seed": "seed", "protocol": "protocol"}
+
+
+def _select(cfg: DictConfig, path: str):
+    try:
+        return OmegaConf.select(cfg, path, throw_on_resolution_failure=False)
+    except OmegaConfBaseException:
+        return None
+
+
 def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False) -> dict:
     """Train and test one configuration; return (and write) its results.json record."""
     start = time.perf_counter()
@@ -94,6 +105,7 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False) -> dict:
         record = base_record(config, output_dir)
     except (GistExpError, KeyError) as e:
         record = {"status": "failed", "error": str(e), "output_dir": str(output_dir),
+                  **{key: _select(cfg, path) for key, path in IDENTITY.items()},
                   "config": OmegaConf.to_container(cfg, resolve=False)}
         log.error("error: %s", e)
         write_results(output_dir, record)
@@ -196,7 +208,7 @@ def make_loggers(cfg: DictConfig, config: dict, output_dir: Path, task: str):
             project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
             name=f"{task}-{cfg.peft.name}-gist_{gist}-seed{cfg.seed}", save_dir=str(output_dir),
             tags=[f"task:{task}", f"peft:{cfg.peft.name}", f"gist:{gist}", f"seed:{cfg.seed}"],
-            config=config, mode=cfg.logger.mode, reinit="finish_previous"))
+            config=config, mode=cfg.logger.mode))
     return loggers
 
 

@@ -1,0 +1,64 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+from timm.scheduler import CosineLRScheduler
+
+from gist_exp.data.datamodule import VTabDataModule
+from gist_exp.data.tasks import TASKS
+from gist_exp.module import GistModule, LossWeights, Schedule
+from models.tiny import GIST_ON, tiny
+
+
+def test_schedule_is_timms_cosine_with_warmup_and_cooldown():
+    base = 5e-3
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=base)
+    timm_schedule = CosineLRScheduler(optimizer, t_initial=100, lr_min=1e-8, warmup_t=10, warmup_lr_init=1e-7)
+    ours = Schedule(epochs=100, warmup_epochs=10, cooldown_epochs=10, warmup_lr=1e-7, min_lr=1e-8)
+    assert ours.length == 110
+    for epoch in range(110):
+        timm_schedule.step(epoch)
+        assert ours.lr(epoch, base) == pytest.approx(optimizer.param_groups[0]["lr"], rel=1e-12, abs=1e-15), epoch
+    assert ours.lr(0, base) == 1e-7 and ours.lr(105, base) == 1e-8
+    # a shorter run gets the same curve compressed: epoch 5 of 11 is epoch 50 of 110
+    assert ours.lr(5, base, max_epochs=11) == ours.lr(50, base)
+
+
+def fit(root, tmp_path, peft, epochs=2):
+    torch.manual_seed(0)
+    model = tiny(peft, GIST_ON, num_classes=47)
+    module = GistModule(model, lr=1e-2, weight_decay=0.05, schedule=Schedule(4, 1, 0), loss=LossWeights())
+    dm = VTabDataModule(root, TASKS["dtd"], image_size=32, cache_dir=tmp_path / "cache", batch_size=8, num_workers=0)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False)
+    return module, dm, trainer
+
+
+@pytest.mark.parametrize("peft", [dict(name="adapter", variant="shared_parallel"),
+                                  dict(name="lora", rank=8, alpha=8, targets=["qkv"]),
+                                  dict(name="vpt", num_prompts=3, mode="deep", dropout=0.1)])
+def test_training_changes_trainable_weights_only(small_root, tmp_path, peft):
+    module, dm, trainer = fit(small_root, tmp_path, peft)
+    before = {n: p.detach().clone() for n, p in module.model.named_parameters()}
+    trainer.fit(module, datamodule=dm)
+    for name, param in module.model.named_parameters():
+        if param.requires_grad:
+            assert not torch.equal(param, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(param, before[name]), f"frozen {name} changed"
+    assert module.train_images == 2 * 40 // 8 * 8
+
+
+def test_weight_decay_groups_and_checkpoint_holds_trainable_only(small_root, tmp_path):
+    module, dm, trainer = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=1)
+    trainer.fit(module, datamodule=dm)
+    decay, no_decay = trainer.optimizers[0].param_groups
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in decay["params"])
+    assert {names[id(p)] for p in decay["params"]} >= {"gist.token", "vit.head.weight"}
+    assert all(p.ndim <= 1 for p in no_decay["params"])
+    trainer.save_checkpoint(tmp_path / "x.ckpt")
+    saved = torch.load(tmp_path / "x.ckpt", weights_only=True)["state_dict"]
+    trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable and len(saved) < len(module.state_dict()) / 3
