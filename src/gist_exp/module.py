@@ -58,10 +58,16 @@ class GistModule(pl.LightningModule):
         self.strict_loading = False  # checkpoints hold the trainable parameters only
         self.eval_history: list[tuple[int, float]] = []  # (epoch, accuracy %) when evaluated during training
         self.test_acc: float | None = None
-        self.train_seconds = 0.0
+        self.eval_images_per_s: float | None = None  # after the first batch of the last evaluation
+        self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
         self.train_images = 0
         if compile:
-            self.model.compile()  # in place: parameter names, hence checkpoint keys, do not change
+            # In place, so parameter names (checkpoint keys) do not change. Static shapes: the last
+            # evaluation batch gets its own graph instead of turning every graph dynamic. On a GPU the
+            # step is bound by the host issuing kernels (benchmarks/RESULTS.md), so CUDA graphs replay it.
+            mode = "reduce-overhead" if torch.cuda.is_available() else None
+            self.model.compile(dynamic=False, mode=mode)
+            self.loss = torch.compile(self.loss, dynamic=False)
 
     # ---- training -------------------------------------------------------------------------------
     def loss(self, cls_logits, gist_logits, labels):
@@ -95,7 +101,7 @@ class GistModule(pl.LightningModule):
             raise NonFiniteLossError(
                 f"non-finite loss at optimizer step {first_bad} (epoch {self.current_epoch}); the run stops "
                 f"here and earlier checkpoints are kept. Lower recipe.lr or check the data.")
-        self.train_seconds += time.perf_counter() - self._epoch_start
+        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
         self.train_images += self._epoch_images
         self.log("train/loss", self._loss_sum / max(self._steps, 1), on_epoch=True)
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
@@ -117,14 +123,23 @@ class GistModule(pl.LightningModule):
     def _eval_start(self):
         self._correct = torch.zeros((), dtype=torch.long, device=self.device)
         self._count = 0
+        self._after_first = None  # (time, images) once the first batch (and any compilation) is done
 
     def _eval_step(self, batch):
         images, labels = batch
         self._correct += (self.model.predict(images).argmax(-1) == labels).sum()
         self._count += labels.shape[0]
+        if self._after_first is None:  # one sync per evaluation, for the steady-state rate
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._after_first = (time.perf_counter(), self._count)
 
     def _eval_accuracy(self) -> float:
-        return 100.0 * int(self._correct) / max(self._count, 1)
+        correct = int(self._correct)  # waits for the device
+        if self._after_first is not None and self._count > self._after_first[1]:
+            elapsed = time.perf_counter() - self._after_first[0]
+            self.eval_images_per_s = (self._count - self._after_first[1]) / elapsed
+        return 100.0 * correct / max(self._count, 1)
 
     def on_validation_epoch_start(self):
         self._eval_start()
@@ -160,7 +175,7 @@ class GistModule(pl.LightningModule):
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
         checkpoint["eval_history"] = [list(e) for e in self.eval_history]
-        checkpoint["train_seconds"] = self.train_seconds
+        checkpoint["epoch_seconds"] = list(self.epoch_seconds)
         checkpoint["train_images"] = self.train_images
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -179,5 +194,5 @@ class GistModule(pl.LightningModule):
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         self.eval_history = [tuple(e) for e in checkpoint.get("eval_history", [])]
-        self.train_seconds = checkpoint.get("train_seconds", 0.0)
+        self.epoch_seconds = list(checkpoint.get("epoch_seconds", []))
         self.train_images = checkpoint.get("train_images", 0)

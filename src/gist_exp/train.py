@@ -97,8 +97,9 @@ def _select(cfg: DictConfig, path: str):
         return None
 
 
-def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False) -> dict:
-    """Train and test one configuration; return (and write) its results.json record."""
+def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: list | None = None) -> dict:
+    """Train and test one configuration; return (and write) its results.json record.
+    `callbacks`: extra Lightning callbacks (tools such as the benchmark use this)."""
     start = time.perf_counter()
     try:
         config = resolve(cfg)
@@ -123,7 +124,7 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False) -> dict:
 
     job = {}
     try:
-        record.update(train_and_test(cfg, config, output_dir, in_sweep, job))
+        record.update(train_and_test(cfg, config, output_dir, in_sweep, job, callbacks or []))
         record["status"] = "completed"
     except GistExpError as e:
         record.update(status="failed", error=str(e), error_type=type(e).__name__)
@@ -219,12 +220,14 @@ def close_loggers(loggers) -> None:
             logger.experiment.finish()
 
 
-def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bool, job: dict) -> dict:
+def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bool, job: dict,
+                   callbacks: list) -> dict:
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from .checkpoint import AtomicCheckpointIO
 
+    job_start = time.perf_counter()
     task = get_task(cfg.task.name)
     recipe = cfg.recipe
     schedule = Schedule(recipe.epochs, recipe.warmup_epochs, recipe.cooldown_epochs, recipe.warmup_lr, recipe.min_lr)
@@ -262,13 +265,18 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
         check_val_every_n_epoch=every or 1, limit_val_batches=1.0 if every else 0, num_sanity_val_steps=0,
         callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
                                    every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
-                                   enable_version_counter=False)],
+                                   enable_version_counter=False), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=output_dir)
     last = checkpoints / "last.ckpt"
-    if last.is_file():
+    if last.is_file() and cfg.force:  # retrain from scratch, keeping the old checkpoints beside
+        kept = checkpoints.with_name(f"checkpoints.replaced-{int(time.time())}")
+        os.replace(checkpoints, kept)
+        log.info("force=true: previous checkpoints moved to %s", kept)
+    elif last.is_file():
         log.info("resuming from %s", last)
 
     fit_start = time.perf_counter()
+    setup_s = fit_start - job_start
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None, weights_only=True)
     fit_s = time.perf_counter() - fit_start
     test_start = time.perf_counter()
@@ -293,9 +301,12 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
         "epochs": max_epochs,
         "train_images": module.train_images,
         "eval_images": len(datamodule.eval_split),
+        "setup_s": round(setup_s, 2),  # config checks, data validation, model build
         "fit_s": round(fit_s, 2),
         "test_s": round(test_s, 2),
-        "train_images_per_s": round(module.train_images / module.train_seconds, 1) if module.train_seconds else None,
+        "train_images_per_s": round(module.train_images / sum(module.epoch_seconds), 1) if module.epoch_seconds else None,
+        "epoch_s": [round(t, 3) for t in module.epoch_seconds],
+        "eval_images_per_s": round(module.eval_images_per_s, 1) if module.eval_images_per_s else None,
         "precision": trainer.precision,
         "device": str(trainer.strategy.root_device),
     }

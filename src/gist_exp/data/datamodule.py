@@ -10,7 +10,7 @@ import torch
 
 from ..errors import ConfigError
 from .cache import CachedSplit, cached_split
-from .loaders import DeviceBatches, pil_loader, streaming_batches
+from .loaders import DeviceBatches, StreamingBatches, pil_loader
 from .tasks import Task
 from .vtab import SplitList, load_protocol
 
@@ -86,8 +86,7 @@ class VTabDataModule(pl.LightningDataModule):
         if self.pipeline == "pil":
             return pil_loader(self.eval_split, self.image_size, self.eval_batch_size, self.num_workers, pin)
         cache = self._cache[self.eval_split.split]
-        return streaming_batches(cache.path / "images.npy", cache.labels, self.eval_batch_size,
-                                 min(self.num_workers, 2), pin)
+        return StreamingBatches(cache.path / "images.npy", cache.labels, self.eval_batch_size, pin)
 
     # Lightning's names: evaluation during training (eval.every_n_epochs) and the final test.
     val_dataloader = eval_dataloader

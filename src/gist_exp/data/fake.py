@@ -10,6 +10,8 @@ that does not stays at chance, which is what the tests and `make demo` rely on.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import zlib
 from pathlib import Path
 
@@ -30,38 +32,55 @@ def render(layout: np.ndarray, width: int, height: int, rng: np.random.Generator
     rows = np.minimum(np.arange(height) * GRID // height, GRID - 1)
     cols = np.minimum(np.arange(width) * GRID // width, GRID - 1)
     pixels = layout[rows][:, cols]
-    pixels = pixels + rng.uniform(-30, 30) + rng.normal(0, 20, size=pixels.shape)
+    pixels = pixels + rng.uniform(-30, 30) + 20 * rng.standard_normal(pixels.shape, dtype=np.float32)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
-def write_split(task_dir: Path, split: str, labels: np.ndarray, layouts: np.ndarray, size, rng) -> None:
+def _write_image(job) -> None:
+    path, layout, size, seed = job
+    render(layout, *size, np.random.default_rng(seed)).save(path, quality=90)
+
+
+def write_split(task_dir: Path, split: str, labels: np.ndarray, layouts: np.ndarray, size, seed: list[int],
+                pool=None) -> None:
     image_dir = task_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for i, label in enumerate(labels):
-        rel = f"images/{split}/{i:06d}.jpg"
-        render(layouts[label], *size, rng).save(task_dir / rel, quality=90)
-        lines.append(f"{rel} {label}\n")
-    (task_dir / f"{split}.txt").write_text("".join(lines))
+    rels = [f"images/{split}/{i:06d}.jpg" for i in range(len(labels))]
+    # every image has its own seed, so the tree is the same however many processes write it
+    jobs = [(task_dir / rel, layouts[label], size, [*seed, zlib.crc32(split.encode()), i])
+            for i, (rel, label) in enumerate(zip(rels, labels))]
+    if pool is None:
+        for job in jobs:
+            _write_image(job)
+    else:
+        pool.map(_write_image, jobs, chunksize=64)
+    (task_dir / f"{split}.txt").write_text("".join(f"{rel} {label}\n" for rel, label in zip(rels, labels)))
 
 
 def balanced_labels(n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     return rng.permutation(np.arange(n) % num_classes)
 
 
-def make_task(root: Path, task: str, train: int, test: int, size=(64, 48), seed: int = 0) -> Path:
+def make_task(root: Path, task: str, train: int, test: int, size=(64, 48), seed: int = 0, workers: int = 1) -> Path:
     """Write <root>/<task> with train800 / val200 (an 80/20 split of `train`), train800val200 (its own
     copy of both) and test."""
     spec = TASKS[task]
-    rng = np.random.default_rng([seed, zlib.crc32(task.encode())])
+    base_seed = [seed, zlib.crc32(task.encode())]
+    rng = np.random.default_rng(base_seed)
     layouts = class_layouts(task, spec.num_classes)
     n_train = max(1, round(train * 0.8))
     labels = balanced_labels(train, spec.num_classes, rng)
+    test_labels = balanced_labels(test, spec.num_classes, rng)
     task_dir = Path(root) / task
-    write_split(task_dir, "train800", labels[:n_train], layouts, size, rng)
-    write_split(task_dir, "val200", labels[n_train:], layouts, size, rng)
-    write_split(task_dir, "train800val200", labels, layouts, size, rng)
-    write_split(task_dir, "test", balanced_labels(test, spec.num_classes, rng), layouts, size, rng)
+    splits = {"train800": labels[:n_train], "val200": labels[n_train:], "train800val200": labels, "test": test_labels}
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    try:
+        for split, split_labels in splits.items():
+            write_split(task_dir, split, split_labels, layouts, size, base_seed, pool)
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     return task_dir
 
 
@@ -78,13 +97,14 @@ def main(argv=None) -> None:
     parser.add_argument("--test", type=int, default=500, help="test images per task (default 500)")
     parser.add_argument("--size", type=parse_size, default=(64, 48), help="JPEG size WxH (default 64x48)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing JPEGs")
     args = parser.parse_args(argv)
     try:
         tasks = [canonical_task_name(t) for t in args.tasks.split(",") if t]
     except ValueError as e:
         parser.error(str(e))
     for task in tasks:
-        path = make_task(args.root, task, args.train, args.test, args.size, args.seed)
+        path = make_task(args.root, task, args.train, args.test, args.size, args.seed, args.workers)
         print(f"wrote {path} ({args.train} train, {args.test} test, {TASKS[task].num_classes} classes)")
 
 

@@ -10,9 +10,12 @@ in the same order; Lightning calls `sampler.set_epoch` at the start of each epoc
 
 from __future__ import annotations
 
+import queue
+import threading
+
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..errors import DataError
 from .images import DecodedImages
@@ -49,7 +52,8 @@ class DeviceBatches:
         self.labels = labels
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.sampler = EpochShuffle(len(labels), seed)
+        self.sampler = EpochShuffle(len(labels), seed)  # Lightning calls sampler.set_epoch each epoch
+        self.batch_sampler = None
 
     def __len__(self) -> int:
         n = len(self.labels)
@@ -62,33 +66,59 @@ class DeviceBatches:
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
-class _CachedSlices(Dataset):
-    """Item i is batch i of a memory-mapped cache: one contiguous read per batch."""
+class StreamingBatches:
+    """Evaluation batches read in order from the memory-mapped cache by one background thread, into
+    (optionally pinned) memory, a couple of batches ahead of the device."""
 
-    def __init__(self, images_path, labels: np.ndarray, batch_size: int):
+    def __init__(self, images_path, labels: np.ndarray, batch_size: int, pin_memory: bool, prefetch: int = 3):
         self.images_path = images_path
         self.labels = labels
         self.batch_size = batch_size
-        self._images = None  # opened lazily, once per worker process
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch
+        self.sampler = None  # sequential: nothing for Lightning to set
+        self.batch_sampler = None
 
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def __getitem__(self, i: int):
-        if self._images is None:
-            self._images = np.load(self.images_path, mmap_mode="r")
+    def _batch(self, images: np.ndarray, i: int):
         rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        return torch.from_numpy(np.array(self._images[rows])), torch.from_numpy(self.labels[rows])
+        batch = torch.from_numpy(np.array(images[rows]))
+        return (batch.pin_memory() if self.pin_memory else batch), torch.from_numpy(self.labels[rows])
 
+    def __iter__(self):
+        images = np.load(self.images_path, mmap_mode="r")
+        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
 
-def streaming_batches(images_path, labels: np.ndarray, batch_size: int, num_workers: int, pin_memory: bool):
-    return DataLoader(
-        _CachedSlices(images_path, labels, batch_size),
-        batch_size=None,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-        persistent_workers=False,
-    )
+        def produce():
+            try:
+                for i in range(len(self)):
+                    item = self._batch(images, i)
+                    while not stop.is_set():
+                        try:
+                            ready.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            pass
+                    if stop.is_set():
+                        return
+            except BaseException as e:  # handed to the consumer, which raises it
+                ready.put(e)
+                return
+            ready.put(None)
+
+        thread = threading.Thread(target=produce, daemon=True)
+        thread.start()
+        try:
+            while (item := ready.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join()
 
 
 class _RaiseDecodeErrors:
@@ -97,7 +127,8 @@ class _RaiseDecodeErrors:
     def __init__(self, loader: DataLoader, split: SplitList):
         self.loader = loader
         self.split = split
-        self.sampler = loader.sampler
+        self.sampler = loader.sampler  # Lightning calls sampler.set_epoch each epoch
+        self.batch_sampler = None
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -123,6 +154,7 @@ def pil_loader(split: SplitList, image_size: int, batch_size: int, num_workers: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        persistent_workers=num_workers > 0,
+        # not persistent (as NOAH): live workers of one loader must not be forked into the next one's
+        persistent_workers=False,
     )
     return _RaiseDecodeErrors(loader, split)

@@ -1,0 +1,336 @@
+"""Throughput benchmark: the fast path against the reference-style path, side by side in one run.
+
+    python -m gist_exp.bench                      # on a GPU: ViT-B/16, 1,000 train + 1,880 test JPEGs, 100 epochs
+    python -m gist_exp.bench --smoke              # on a CPU: the tiny ViT, a few epochs (what CI runs)
+
+Both paths are the real entry point (`gist_exp.train.run`) on the same synthetic task made of real
+JPEG files on disk, adapter + GIST, random weights, batch 64:
+- fast: decode-once cache (built before timing starts), training set on the device, bf16-mixed,
+  fused AdamW, torch.compile, one evaluation at the end in batches of 512;
+- reference: PIL decoding in DataLoader workers every epoch, fp32 (TF32 matmuls), eager.
+It prints train and test images/s, epoch time, end-to-end task time, the ratio, MFU against a bf16
+matmul rate measured in the same run, the projected 19-task sweep time, and appends a row to
+benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from .data import TASKS, fake, get_task
+from .data.cache import cached_split
+from .data.vtab import load_protocol
+
+REPO = Path(__file__).resolve().parents[2]
+BENCH_TASK = "dtd"  # 47 classes; the synthetic tree gets its own sizes
+
+
+# ---- measurements ---------------------------------------------------------------------------
+def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> float | None:
+    """Median dense bf16 matmul rate on random data (the MFU denominator)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * size ** 3 / statistics.median(times) / 1e12
+
+
+def flops_per_image(cfg) -> tuple[float, float]:
+    """(forward, training step) FLOPs per image of this exact model, counted by PyTorch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .models import build_model
+    from .train import resolve
+
+    config = resolve(cfg)
+    model = build_model(config["backbone"], config["peft"], config["gist"], get_task(BENCH_TASK).num_classes)
+    size = cfg.backbone.image_size
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    counts = []
+    for train in (False, True):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            cls_logits, gist_logits = model(images)
+            if train:
+                (cls_logits.float().sum() + gist_logits.float().sum()).backward()
+        counts.append(counter.get_total_flops() / len(images))
+    return counts[0], counts[1]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from .train import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def path_overrides(path: str, args) -> list[str]:
+    if path == "fast":
+        return ["data.pipeline=cached", "trainer.precision=auto", f"compile={str(args.compile).lower()}",
+                f"data.num_workers={args.workers}"]
+    return ["data.pipeline=pil", "trainer.precision=32-true", "compile=false", f"data.num_workers={args.workers}"]
+
+
+def run_path(path: str, args, root: Path, out: Path, test_size: int, task: str = BENCH_TASK,
+             callbacks: list | None = None) -> dict:
+    from .train import run
+
+    overrides = [
+        f"task={task}", "peft=adapter", "gist=on", f"backbone={args.backbone}", "backbone.weights=random",
+        f"data.root={root}", f"data.cache_dir={root / '_cache'}", f"trainer.max_epochs={args.epochs}",
+        "logger=none", "trainer.progress_bar=false", "force=true", f"checkpoint.every_n_epochs={args.epochs}",
+        *path_overrides(path, args), *args.override,
+    ]
+    run_dir = out / f"{path}-{task}-{time.strftime('%H%M%S')}-{time.perf_counter_ns()}"
+    record = run(compose(overrides), run_dir, callbacks=callbacks)
+    if record["status"] != "completed":
+        raise SystemExit(f"{path} path failed: {record.get('error')}\n{record.get('traceback', '')}")
+    epochs = record["epoch_s"]
+    steady = statistics.median(epochs[1:]) if len(epochs) > 1 else epochs[0]
+    images_per_epoch = record["train_images"] / len(epochs)
+    return {
+        "path": path,
+        "precision": record["precision"],
+        "train_img_s": images_per_epoch / steady,  # steady state: median epoch after the first
+        "train_img_s_overall": record["train_images_per_s"],  # every epoch, compilation included
+        "first_epoch_s": epochs[0],
+        "epoch_s": steady,
+        "test_img_s": record["eval_images_per_s"] or test_size / record["test_s"],  # after the first batch
+        "test_img_s_overall": test_size / record["test_s"],  # the whole test phase
+        "fit_s": record["fit_s"],
+        "test_s": record["test_s"],
+        "task_s": record["wall_s"],  # end to end: checks, model build, fit (compile included), test
+        "setup_s": record["setup_s"],
+        "test_acc": record["metrics"]["test_acc"],
+        "train_images": record["train_images"],
+    }
+
+
+def project_sweep(fast: dict, bench_test_size: int, epochs_per_task: int, train_size: int, batch: int,
+                  drop_last: bool = True) -> dict:
+    """19 tasks of one method from the measured rates and SPEC test sizes: train + test + per-task overhead."""
+    steps = train_size // batch if drop_last else -(-train_size // batch)
+    train_images = epochs_per_task * steps * batch
+    # model build, data checks, compilation and every first batch: what the steady rates leave out
+    overhead = fast["task_s"] - fast["train_images"] / fast["train_img_s"] - bench_test_size / fast["test_img_s"]
+    per_task = {t.name: overhead + train_images / fast["train_img_s"] + t.test_size / fast["test_img_s"]
+                for t in TASKS.values()}
+    return {"per_task_s": per_task, "total_s": sum(per_task.values()), "overhead_s": overhead,
+            "train_images_per_task": train_images}
+
+
+class _SyncDebug:
+    """A Lightning callback: CUDA sync debugging on from the start to the end of every training batch."""
+
+    def __init__(self):
+        import pytorch_lightning as pl
+
+        class Callback(pl.Callback):
+            def on_train_batch_start(self, *args):
+                torch.cuda.set_sync_debug_mode("warn")
+
+            def on_train_batch_end(self, *args):
+                torch.cuda.set_sync_debug_mode(0)
+
+        self.callback = Callback()
+
+
+def check_sync(args, root: Path, out: Path) -> float:
+    """Train the fast path (eager) for 3 epochs with every host synchronisation inside a training step
+    (forward, loss, backward, optimizer) turned into a warning; return the count per step."""
+    import warnings
+
+    short = argparse.Namespace(**{**vars(args), "epochs": 3, "compile": False})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        record = run_path("fast", short, root, out / "sync", args.test, callbacks=[_SyncDebug().callback])
+    torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    steps = record["train_images"] // 64
+    print(f"sync check: {len(syncs)} host synchronisations inside {steps} training steps "
+          f"({len(syncs) / steps:.2f} per step)")
+    for w in syncs[:5]:
+        print(f"  {w.filename}:{w.lineno}: {str(w.message)[:100]}")
+    return len(syncs) / steps
+
+
+def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str) -> dict:
+    """Run several synthetic tasks one after another in this process (as a sweep with the basic launcher
+    does) and compare their measured total with the projection from the single-task rates."""
+    tasks = [(name, int(size)) for name, size in (item.split(":") for item in spec.split(","))]
+    width, height = fake.parse_size(args.image_size)
+    measured, projected = 0.0, 0.0
+    for name, test_size in tasks:
+        root = root_base / f"projection-{args.train}-{width}x{height}"
+        if not (root / name / "test.txt").is_file():
+            fake.make_task(root, name, args.train, test_size, (width, height), workers=args.workers)
+        for split in load_protocol(root, get_task(name), "final"):
+            cached_split(split, root / "_cache", 224 if args.backbone != "vit_tiny_test" else 32, args.workers)
+        record = run_path("fast", args, root, out / "projection", test_size, task=name)
+        measured += record["task_s"]
+        projected += fast["overhead_s"] + record["train_images"] / fast["train_img_s"] + test_size / fast["test_img_s"]
+        print(f"projection check: {name} ({get_task(name).num_classes} classes, {test_size} test): "
+              f"measured {record['task_s']:.1f}s")
+    print(f"projection check: {len(tasks)} tasks measured {measured:.1f}s, projected {projected:.1f}s "
+          f"({measured / projected:.2f}x)")
+    return {"tasks": tasks, "measured_s": measured, "projected_s": projected}
+
+
+# ---- reporting ------------------------------------------------------------------------------
+def machine() -> dict:
+    from importlib.metadata import version
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "host": platform.node(), "gpu": gpu,
+            "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "timm": version("timm"), "lightning": version("pytorch-lightning")}
+
+
+def append_results(path: Path, info: dict, args, results: dict, ratio: float, mfu: float | None,
+                   projection: dict | None) -> None:
+    fast, ref = results.get("fast"), results.get("reference")
+    header = ("| date | machine | GPU | versions | model | epochs | train/test imgs | fast train img/s | "
+              "fast test img/s | fast task s | ref train img/s | ref test img/s | ref task s | end-to-end ratio | "
+              "MFU (fast) | 19-task sweep (proj.) |\n|" + "---|" * 16 + "\n")
+    def num(x, fmt="{:,.0f}"):
+        return fmt.format(x) if x is not None else "-"
+    row = (f"| {info['date']} | {info['host']} ({info['cpus']} CPUs) | {info['gpu']} | torch {info['torch']}, "
+           f"timm {info['timm']}, PL {info['lightning']} | {args.backbone} | {args.epochs} | "
+           f"{args.train}/{args.test} | {num(fast and fast['train_img_s'])} | {num(fast and fast['test_img_s'])} | "
+           f"{num(fast and fast['task_s'], '{:.1f}')} | {num(ref and ref['train_img_s'])} | "
+           f"{num(ref and ref['test_img_s'])} | {num(ref and ref['task_s'], '{:.1f}')} | "
+           f"{num(ratio, '{:.2f}x')} | {num(mfu, '{:.1%}')} | "
+           f"{num(projection and projection['total_s'] / 60, '{:.1f} min')} |\n")
+    text = path.read_text() if path.exists() else ""
+    marker = "<!-- bench rows -->\n"
+    if marker not in text:
+        text += f"\n## Benchmark rows (appended by `python -m gist_exp.bench`)\n\n{marker}{header}"
+    from .io import atomic_write_bytes
+
+    atomic_write_bytes(path, (text + row).encode())
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU smoke test: tiny ViT, small task, 3 epochs")
+    parser.add_argument("--backbone", default=None, help="backbone config (default vit_b16_augreg_in21k)")
+    parser.add_argument("--epochs", type=int, default=None, help="epochs per path (default 100)")
+    parser.add_argument("--train", type=int, default=None, help="training images (default 1000)")
+    parser.add_argument("--test", type=int, default=None, help="test images (default 1880, dtd's size)")
+    parser.add_argument("--image-size", default="500x375", help="JPEG size on disk, WxH (default 500x375)")
+    parser.add_argument("--paths", default="fast,reference", help="which paths to time (default both)")
+    parser.add_argument("--fast-runs", type=int, default=1,
+                        help="time the fast path this many times (later runs find torch.compile's cache warm)")
+    parser.add_argument("--check-sync", action="store_true",
+                        help="first train 3 epochs with CUDA sync debugging on and report host synchronisations")
+    parser.add_argument("--check-projection", default=None, metavar="TASK:TEST,...",
+                        help="after timing, run these synthetic tasks in sequence and compare with the projection, "
+                             "e.g. eurosat:5400,kitti:711,clevr_count:3000")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                        help="torch.compile on the fast path (default: on with a GPU)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                        help="DataLoader workers (default: CPUs - 1)")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/gist_exp_bench"), help="where the synthetic task lives")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    parser.add_argument("--no-append", action="store_true", help="do not append to the results file")
+    parser.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides for both paths")
+    args = parser.parse_args(argv)
+    defaults = dict(backbone="vit_tiny_test", epochs=3, train=200, test=100) if args.smoke else \
+        dict(backbone="vit_b16_augreg_in21k", epochs=100, train=1000, test=1880)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.compile is None:
+        args.compile = torch.cuda.is_available()
+
+    info = machine()
+    width, height = fake.parse_size(args.image_size)
+    root = args.root / f"{args.train}-{args.test}-{width}x{height}"
+    if not (root / BENCH_TASK / "test.txt").is_file():
+        print(f"writing the synthetic task ({args.train} train, {args.test} test JPEGs of {width}x{height}) to {root}")
+        fake.make_task(root, BENCH_TASK, args.train, args.test, (width, height), workers=args.workers)
+    cfg_fast = compose([f"backbone={args.backbone}", "backbone.weights=random", f"task={BENCH_TASK}", "peft=adapter"])
+
+    # The decode-once cache is built before timing: the targets are for runs once the cache exists.
+    start = time.perf_counter()
+    for split in load_protocol(root, get_task(BENCH_TASK), "final"):
+        cached_split(split, root / "_cache", cfg_fast.backbone.image_size, args.workers)
+    cache_s = time.perf_counter() - start
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tflops = matmul_tflops(device)
+    forward_flops, step_flops = flops_per_image(cfg_fast)
+    out = Path("/tmp/gist_exp_bench_runs")
+    sync_per_step = check_sync(args, root, out) if args.check_sync and device.type == "cuda" else None
+    results, repeats = {}, []
+    for path in args.paths.split(","):
+        runs = args.fast_runs if path == "fast" else 1
+        for _ in range(runs):
+            results[path] = run_path(path, args, root, out, args.test)
+            if path == "fast":
+                repeats.append(results[path]["task_s"])
+
+    fast, ref = results.get("fast"), results.get("reference")
+    ratio = ref["task_s"] / fast["task_s"] if fast and ref else None
+    mfu = fast["train_img_s"] * step_flops / (tflops * 1e12) if fast and tflops else None
+    projection = project_sweep(fast, args.test, args.epochs, args.train, 64) if fast else None
+    if fast and projection:
+        fast["overhead_s"] = projection["overhead_s"]
+    projection_check = check_projection(args, args.root, out, fast, args.check_projection) \
+        if fast and args.check_projection else None
+
+    print(f"\nmachine: {info}")
+    print(f"cache build (decode once, {args.train + args.test} JPEGs, {args.workers} workers): {cache_s:.1f}s")
+    print(f"model FLOPs per image: forward {forward_flops / 1e9:.1f} G, train step {step_flops / 1e9:.1f} G"
+          + (f"; bf16 matmul measured {tflops:.0f} TFLOP/s" if tflops else ""))
+    print(f"{'path':<10} {'precision':<11} {'train img/s':>11} {'first ep s':>10} {'epoch s':>8} "
+          f"{'test img/s':>10} {'task s':>7} {'acc %':>6}")
+    for r in results.values():
+        print(f"{r['path']:<10} {r['precision']:<11} {r['train_img_s']:>11,.0f} {r['first_epoch_s']:>10.2f} "
+              f"{r['epoch_s']:>8.3f} {r['test_img_s']:>10,.0f} {r['task_s']:>7.1f} {r['test_acc']:>6.1f}")
+    if len(repeats) > 1:
+        print(f"fast path end-to-end over {len(repeats)} runs (compile cache cold, then warm): "
+              + ", ".join(f"{t:.1f}s" for t in repeats))
+    if ratio:
+        print(f"end-to-end task time, reference / fast: {ratio:.2f}x "
+              f"(train steady state {fast['train_img_s'] / ref['train_img_s']:.2f}x)")
+    if mfu is not None:
+        print(f"MFU of the fast train step: {mfu:.1%} of the measured bf16 matmul rate")
+    if projection:
+        print(f"projected 19-task sweep of one method ({args.epochs} epochs, SPEC test sizes): "
+              f"{projection['total_s'] / 60:.1f} min (per-task overhead {projection['overhead_s']:.1f}s)")
+    numbers = dict(fast_task_s_repeats=repeats, sync_per_step=sync_per_step, projection_check=projection_check,
+                   machine=info, args={k: str(v) for k, v in vars(args).items()}, cache_s=cache_s, tflops=tflops,
+                   forward_flops=forward_flops, step_flops=step_flops, results=results, ratio=ratio, mfu=mfu,
+                   projection=projection)
+    if args.json:
+        args.json.write_text(json.dumps(numbers, indent=1))
+    if not args.no_append:
+        append_results(args.results, info, args, results, ratio, mfu, projection)
+        print(f"appended a row to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
