@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -26,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import sweep
-from .data import VTabDataModule, get_task
+from .data import Task, VTabDataModule, get_task
 from .data.tasks import UnknownTaskError, canonical_task_name
 from .errors import ConfigError, GistExpError
 from .models import build_model, count_parameters
@@ -98,7 +99,10 @@ def _select(cfg: DictConfig, path: str):
 
 
 def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: list | None = None) -> dict:
-    """Train and test one configuration; return (and write) its results.json record.
+    """Train and test one configuration; return its results.json record.
+
+    Bad input (config, data tree, weights) is found by `prepare`, before anything is written: a single
+    run then only prints the error; a sweep job also records it as failed, for the summary and the table.
     `callbacks`: extra Lightning callbacks (tools such as the benchmark use this)."""
     start = time.perf_counter()
     try:
@@ -108,23 +112,28 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: li
         record = {"status": "failed", "error": str(e), "output_dir": str(output_dir),
                   **{key: _select(cfg, path) for key, path in IDENTITY.items()},
                   "config": OmegaConf.to_container(cfg, resolve=False)}
-        log.error("error: %s", e)
-        write_results(output_dir, record)
-        return record
+        return _refused(record, e, output_dir, in_sweep)
 
     previous = read_results(output_dir)
-    if previous and previous.get("status") == "completed" and not cfg.force:
-        if previous.get("config_hash") == record["config_hash"]:
-            log.info("already completed (%s): %s; force=true retrains", output_dir / "results.json",
-                     _headline(previous))
-            return {**previous, "skipped": True}
-        kept = output_dir / f"results.{previous.get('config_hash')}.json"
-        os.replace(output_dir / "results.json", kept)  # a different config: keep the old result beside
-        log.warning("results.json of a different configuration moved to %s", kept)
+    if previous and previous.get("status") == "completed" and not cfg.force \
+            and previous.get("config_hash") == record["config_hash"]:
+        log.info("already completed (%s): %s; force=true retrains", output_dir / "results.json", _headline(previous))
+        return {**previous, "skipped": True}
 
-    job = {}
+    prepare_start = time.perf_counter()
     try:
-        record.update(train_and_test(cfg, config, output_dir, in_sweep, job, callbacks or []))
+        job = prepare(cfg, config)
+        record["prepare_s"] = round(time.perf_counter() - prepare_start, 2)  # checks, data validation, model
+    except GistExpError as e:
+        record.update(status="failed", error=str(e), error_type=type(e).__name__)
+        return _refused(record, e, output_dir, in_sweep)
+
+    if previous and previous.get("status") == "completed":  # another configuration's result: keep it beside
+        kept = output_dir / f"results.{previous.get('config_hash')}.json"
+        os.replace(output_dir / "results.json", kept)
+        log.warning("results.json of a different configuration moved to %s", kept)
+    try:
+        record.update(execute(job, cfg, config, output_dir, in_sweep, callbacks or []))
         record["status"] = "completed"
     except GistExpError as e:
         record.update(status="failed", error=str(e), error_type=type(e).__name__)
@@ -139,8 +148,8 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: li
                       traceback=traceback.format_exc())
         log.exception("run failed")
     finally:
-        close_loggers(job.get("loggers", []))
-        job.clear()
+        close_loggers(job.loggers)
+        del job
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -148,6 +157,13 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: li
     path = write_results(output_dir, record)
     if record["status"] == "completed":
         log.info("%s -> %s", _headline(record), path)
+    return record
+
+
+def _refused(record: dict, error: Exception, output_dir: Path, in_sweep: bool) -> dict:
+    log.error("error: %s", error)
+    if in_sweep:
+        write_results(output_dir, record)
     return record
 
 
@@ -220,14 +236,20 @@ def close_loggers(loggers) -> None:
             logger.experiment.finish()
 
 
-def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bool, job: dict,
-                   callbacks: list) -> dict:
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
+@dataclass
+class Job:
+    """Everything one run needs, built and checked before anything is written."""
 
-    from .checkpoint import AtomicCheckpointIO
+    task: Task
+    datamodule: VTabDataModule
+    module: GistModule
+    params: dict
+    max_epochs: int
+    loggers: list = field(default_factory=list)
 
-    job_start = time.perf_counter()
+
+def prepare(cfg: DictConfig, config: dict) -> Job:
+    """Check the config and the data tree, build the model (loading its weights): no file is written."""
     task = get_task(cfg.task.name)
     recipe = cfg.recipe
     schedule = Schedule(recipe.epochs, recipe.warmup_epochs, recipe.cooldown_epochs, recipe.warmup_lr, recipe.min_lr)
@@ -235,14 +257,15 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
     check_config(cfg, max_epochs)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul, as the reference timings
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    import pytorch_lightning as pl
 
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = VTabDataModule(
         root=cfg.data.root, task=task, protocol=cfg.protocol, image_size=cfg.backbone.image_size,
         pipeline=cfg.data.pipeline, cache_dir=cfg.data.cache_dir, batch_size=cfg.data.batch_size,
         eval_batch_size=cfg.data.eval_batch_size, num_workers=min(cfg.data.num_workers, os.cpu_count() or 1),
         drop_last=cfg.data.drop_last, seed=cfg.seed, list_all_errors=cfg.data.list_all_errors)
-    datamodule.validate()  # the data tree is checked before the model is built
+    datamodule.validate()
 
     gist = config["gist"]
     model = build_model(config["backbone"], config["peft"], gist, task.num_classes, recipe.drop_path,
@@ -251,14 +274,25 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in params.items()))
     loss = LossWeights(gist["ce_weight"], gist["kl_weight"], gist["temperature"]) if gist["enabled"] else None
     module = GistModule(model, recipe.lr, recipe.weight_decay, schedule, loss, compile=cfg.compile)
+    return Job(task, datamodule, module, params, max_epochs)
 
-    job["loggers"] = loggers = make_loggers(cfg, config, output_dir, task.name)
+
+def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bool, callbacks: list) -> dict:
+    """Train (resuming from last.ckpt when there is one), test on the last weights, return the results fields."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from .checkpoint import AtomicCheckpointIO
+
+    job_start = time.perf_counter()
+    module, datamodule, params = job.module, job.datamodule, job.params
+    job.loggers = loggers = make_loggers(cfg, config, output_dir, job.task.name)
     for logger in loggers:
         logger.log_hyperparams({"params": params})
     checkpoints = output_dir / "checkpoints"
     every = cfg.eval.every_n_epochs
     trainer = pl.Trainer(
-        accelerator=cfg.trainer.accelerator, devices=1, precision=precision(cfg), max_epochs=max_epochs,
+        accelerator=cfg.trainer.accelerator, devices=1, precision=precision(cfg), max_epochs=job.max_epochs,
         logger=loggers or False, deterministic=cfg.trainer.deterministic,
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar and not in_sweep, enable_model_summary=False,
@@ -276,14 +310,12 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
         log.info("resuming from %s", last)
 
     fit_start = time.perf_counter()
-    setup_s = fit_start - job_start
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None, weights_only=True)
     fit_s = time.perf_counter() - fit_start
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
     test_s = time.perf_counter() - test_start
 
-    eval_split = datamodule.eval_split.split
     key = "test_acc" if cfg.protocol == "final" else "val_acc"
     metrics = {key: round(module.test_acc, 4)}
     if module.eval_history:  # best epoch on the evaluation split: reported, never the headline
@@ -293,15 +325,15 @@ def train_and_test(cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bo
     for logger in loggers:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if not isinstance(v, list)})
         if type(logger).__name__ == "WandbLogger":
-            logger.experiment.summary.update({"test_acc" if key == "test_acc" else key: metrics[key], **params})
+            logger.experiment.summary.update({key: metrics[key], **params})
     return {
-        "eval_split": eval_split,
+        "eval_split": datamodule.eval_split.split,
         "metrics": metrics,
         "params": params,
-        "epochs": max_epochs,
+        "epochs": job.max_epochs,
         "train_images": module.train_images,
         "eval_images": len(datamodule.eval_split),
-        "setup_s": round(setup_s, 2),  # config checks, data validation, model build
+        "setup_s": round(fit_start - job_start, 2),  # loggers, trainer (after prepare_s)
         "fit_s": round(fit_s, 2),
         "test_s": round(test_s, 2),
         "train_images_per_s": round(module.train_images / sum(module.epoch_seconds), 1) if module.epoch_seconds else None,

@@ -54,6 +54,7 @@ class VTabDataModule(pl.LightningDataModule):
         self.train_split: SplitList | None = None
         self.eval_split: SplitList | None = None
         self._cache: dict[str, CachedSplit] = {}
+        self._pil_train = None
 
     def validate(self) -> None:
         """Check the tree (directories, lists, labels, image files) before anything is trained."""
@@ -74,8 +75,9 @@ class VTabDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         if self.pipeline == "pil":
-            return pil_loader(self.train_split, self.image_size, self.batch_size, self.num_workers,
-                              self.device.type == "cuda", shuffle_seed=self.seed, drop_last=self.drop_last)
+            self._pil_train = pil_loader(self.train_split, self.image_size, self.batch_size, self.num_workers,
+                                         self.device.type == "cuda", shuffle_seed=self.seed, drop_last=self.drop_last)
+            return self._pil_train
         cache = self._cache[self.train_split.split]
         images = torch.from_numpy(np.array(cache.images)).to(self.device)  # a writable in-memory copy
         labels = torch.from_numpy(cache.labels).to(self.device)
@@ -84,6 +86,8 @@ class VTabDataModule(pl.LightningDataModule):
     def eval_dataloader(self):
         pin = self.device.type == "cuda"
         if self.pipeline == "pil":
+            if self._pil_train is not None:
+                self._pil_train.close_workers()
             return pil_loader(self.eval_split, self.image_size, self.eval_batch_size, self.num_workers, pin)
         cache = self._cache[self.eval_split.split]
         return StreamingBatches(cache.path / "images.npy", cache.labels, self.eval_batch_size, pin)

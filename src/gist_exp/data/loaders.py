@@ -133,6 +133,11 @@ class _RaiseDecodeErrors:
     def __len__(self) -> int:
         return len(self.loader)
 
+    def close_workers(self) -> None:
+        """End persistent workers (dropping the iterator shuts them down), so that another loader's
+        workers are not forked from a process that still feeds these ones."""
+        self.loader._iterator = None
+
     def __iter__(self):
         for images, labels, errors in self.loader:
             errors = [e for e in errors if e]
@@ -154,7 +159,6 @@ def pil_loader(split: SplitList, image_size: int, batch_size: int, num_workers: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
-        # not persistent (as NOAH): live workers of one loader must not be forked into the next one's
-        persistent_workers=False,
+        persistent_workers=num_workers > 0 and shuffle_seed is not None,  # training: workers live across epochs
     )
     return _RaiseDecodeErrors(loader, split)

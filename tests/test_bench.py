@@ -1,0 +1,24 @@
+"""The benchmark's CPU smoke run (the H200 numbers come from the device; see benchmarks/RESULTS.md)."""
+
+import subprocess
+import sys
+
+from helpers import REPO
+
+
+def test_bench_smoke_times_both_paths_and_appends_a_row(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Benchmark results\n")
+    proc = subprocess.run([sys.executable, "-m", "gist_exp.bench", "--smoke", "--workers", "2", "--root",
+                           str(tmp_path / "data"), "--results", str(results), "--json", str(tmp_path / "b.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    out = proc.stdout
+    assert "fast       32-true" in out and "reference  32-true" in out
+    assert "end-to-end task time, reference / fast:" in out and "projected 19-task sweep" in out
+    text = results.read_text()
+    assert text.startswith("# Benchmark results") and text.count("| vit_tiny_test | 3 | 200/100 |") == 1
+    import json
+    numbers = json.loads((tmp_path / "b.json").read_text())
+    assert numbers["results"]["fast"]["train_images"] == 3 * (200 // 64) * 64
+    assert numbers["projection"]["total_s"] > 0
