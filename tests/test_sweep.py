@@ -106,4 +106,4 @@ def test_wandb_offline_run_holds_the_test_accuracy(sweep_root, tmp_path):
         assert summary["trainable_excl_head"] == result["params"]["trainable_excl_head"]
         config = {i.key: json.loads(i.value_json) for i in run.config.update}
         assert config["task"]["name"] == result["task"] and config["recipe"]["lr"] == {"dtd": 5e-3, "eurosat": 3e-3}[result["task"]]  # resolved per task
-        assert (run_dir / "logs" / "metrics.csv").is_file()  # the CSV log sits beside it
+        assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()  # the CSV log sits beside it

@@ -19,7 +19,7 @@ def test_every_method_trains_well_above_chance(demo_root, tmp_path, peft, gist):
     proc = train(demo_root, out, f"peft={peft}", f"gist={gist}", "task=dtd", "trainer.max_epochs=10")
     assert proc.returncode == 0, proc.stdout[-3000:]
     check_completed_run(read_results(out), peft, gist)
-    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "logs" / "metrics.csv").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "logs" / "version_0" / "metrics.csv").is_file()
     assert "test acc" in proc.stdout
 
 

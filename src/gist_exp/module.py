@@ -60,6 +60,7 @@ class GistModule(pl.LightningModule):
         self.test_acc: float | None = None
         self.eval_images_per_s: float | None = None  # after the first batch of the last evaluation
         self.compiled = compile
+        self.config_hash: str | None = None  # set by the entry point; a checkpoint of another config is refused
         self._full_batch = 0
         self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
         self.train_images = 0
@@ -182,11 +183,16 @@ class GistModule(pl.LightningModule):
         checkpoint["rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        checkpoint["config_hash"] = self.config_hash
         checkpoint["eval_history"] = [list(e) for e in self.eval_history]
         checkpoint["epoch_seconds"] = list(self.epoch_seconds)
         checkpoint["train_images"] = self.train_images
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.config_hash and checkpoint.get("config_hash") not in (None, self.config_hash):
+            raise CheckpointError(
+                f"checkpoint was written by another configuration (config hash {checkpoint.get('config_hash')}, "
+                f"this run {self.config_hash}); move the run's checkpoints/ away, or pass force=true to start over")
         state = checkpoint.get("state_dict", {})
         own = {k: v for k, v in self.state_dict().items() if k in self.trainable_names()}
         missing = sorted(set(own) - set(state))

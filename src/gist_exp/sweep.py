@@ -1,8 +1,9 @@
 """Sweep bookkeeping: one line per finished job, how many remain, and a closing summary of failures.
 
-Each job appends one JSON line to `<sweep dir>/sweep_progress.jsonl` (one small O_APPEND write, safe
-from concurrent jobs and launchers); the Hydra callback counts the jobs at the start and reads the
-lines back at the end. The entry point exits non-zero when any job of the sweep failed.
+`<sweep dir>/sweep_progress.jsonl` is append-only: a sweep appends a start line with its job count,
+each job appends one line when it ends (single small O_APPEND writes, safe from concurrent jobs,
+launchers and sweeps), and the summary reads the lines after its own start line back. The entry
+point exits non-zero when any job of the sweep failed.
 """
 
 from __future__ import annotations
@@ -10,17 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .io import read_json
 
 log = logging.getLogger("gist_exp")
 
 PROGRESS_FILE = "sweep_progress.jsonl"
-TOTAL_FILE = "sweep_total.json"
 failed_jobs: list[dict] = []  # filled at the end of a sweep, read by gist_exp.train.main
 
 
@@ -58,14 +58,9 @@ def report_job(record: dict, sweep_dir: str | Path) -> None:
         "output_dir": record.get("output_dir"),
         "error": (record.get("error") or "").splitlines()[0][:300] if record.get("error") else None,
     }
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sweep_dir / PROGRESS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (json.dumps(line) + "\n").encode())
-    finally:
-        os.close(fd)
-    done = len(read_progress(sweep_dir))
-    total = (read_json(sweep_dir / TOTAL_FILE) or {}).get("total")
+    append_line(sweep_dir, {"event": "job", **line})
+    start, jobs = current_sweep(sweep_dir)
+    done, total = len(jobs), start.get("total")
     count = f"{done}/{total} done, {total - done} left" if total else f"{done} done"
     outcome = {
         "completed": f"{acc:.2f}%" if acc is not None else "completed",
@@ -76,23 +71,34 @@ def report_job(record: dict, sweep_dir: str | Path) -> None:
     print(f"[sweep {count}] {line['task']} {line['method']} seed={line['seed']}: {outcome}{seconds}", flush=True)
 
 
-def read_progress(sweep_dir: Path) -> list[dict]:
+def append_line(sweep_dir: Path, line: dict) -> None:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(sweep_dir / PROGRESS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
-        lines = (Path(sweep_dir) / PROGRESS_FILE).read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.strip()]
+        os.write(fd, (json.dumps(line) + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def current_sweep(sweep_dir: Path, sweep_id: str | None = None) -> tuple[dict, list[dict]]:
+    """The start line of sweep `sweep_id` (default: the latest one) and the job lines after it."""
+    try:
+        lines = [json.loads(l) for l in (Path(sweep_dir) / PROGRESS_FILE).read_text().splitlines() if l.strip()]
+    except (OSError, ValueError):
+        return {}, []
+    starts = [i for i, l in enumerate(lines) if l.get("event") == "start" and (sweep_id in (None, l.get("id")))]
+    first = starts[-1] if starts else -1
+    return (lines[first] if starts else {}), [l for l in lines[first + 1:] if l.get("event") == "job"]
 
 
 class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        (sweep_dir / PROGRESS_FILE).write_text("")
-        (sweep_dir / TOTAL_FILE).write_text(json.dumps({"total": count_jobs(config)}))
+        self.sweep_id = f"{os.getpid()}-{time.time_ns()}"
+        append_line(Path(config.hydra.sweep.dir), {"event": "start", "id": self.sweep_id,
+                                                    "total": count_jobs(config), "unix": time.time()})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        lines = read_progress(Path(config.hydra.sweep.dir))
+        _, lines = current_sweep(Path(config.hydra.sweep.dir), getattr(self, "sweep_id", None))
         by_status = {s: [l for l in lines if l["status"] == s] for s in ("completed", "skipped", "failed")}
         failed_jobs[:] = by_status["failed"]
         summary = ", ".join(f"{len(v)} {k}" for k, v in by_status.items())

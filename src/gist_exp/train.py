@@ -32,7 +32,7 @@ from .data.tasks import UnknownTaskError, canonical_task_name
 from .errors import ConfigError, GistExpError
 from .models import build_model, count_parameters
 from .module import GistModule, LossWeights, Schedule
-from .results import base_record, read_results, write_results
+from .results import base_record, config_hash, read_results, write_results
 
 log = logging.getLogger("gist_exp")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -218,7 +218,8 @@ def make_loggers(cfg: DictConfig, config: dict, output_dir: Path, task: str):
 
     if cfg.logger.name == "none":
         return []
-    loggers = [CSVLogger(save_dir=output_dir, name="logs", version="")]
+    # a new logs/version_N/ per attempt: a resumed run keeps the metrics of the attempts before it
+    loggers = [CSVLogger(save_dir=output_dir, name="logs")]
     if cfg.logger.name == "wandb":
         gist = "on" if cfg.gist.enabled else "off"
         loggers.append(WandbLogger(
@@ -286,6 +287,7 @@ def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep:
 
     job_start = time.perf_counter()
     module, datamodule, params = job.module, job.datamodule, job.params
+    module.config_hash = config_hash(config)
     job.loggers = loggers = make_loggers(cfg, config, output_dir, job.task.name)
     for logger in loggers:
         logger.log_hyperparams({"params": params})
@@ -297,7 +299,7 @@ def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep:
         log_every_n_steps=cfg.trainer.log_every_n_steps,
         enable_progress_bar=cfg.trainer.progress_bar and not in_sweep, enable_model_summary=False,
         check_val_every_n_epoch=every or 1, limit_val_batches=1.0 if every else 0, num_sanity_val_steps=0,
-        callbacks=[ModelCheckpoint(dirpath=checkpoints, save_last=True, save_top_k=0,
+        callbacks=[ModelCheckpoint(dirpath=checkpoints, filename="last", save_top_k=1, monitor=None,
                                    every_n_epochs=cfg.checkpoint.every_n_epochs, save_on_train_epoch_end=True,
                                    enable_version_counter=False), *callbacks],
         plugins=[AtomicCheckpointIO()], default_root_dir=output_dir)

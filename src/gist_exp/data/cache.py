@@ -125,8 +125,10 @@ def build_entry(split: SplitList, directory: Path, image_size: int, num_workers:
 
 def decode_into(out: np.ndarray, split: SplitList, image_size: int, num_workers: int) -> list[str]:
     """Decode every image of `split` into `out` with DataLoader workers; return the decode errors."""
+    # its own generator: building the cache must not move the global RNG that dropout draws from,
+    # or a run would train differently depending on whether the cache already existed
     loader = DataLoader(DecodedImages(split, image_size), batch_size=32, num_workers=num_workers,
-                        collate_fn=_stack)
+                        collate_fn=_stack, generator=torch.Generator().manual_seed(0))
     errors, position = [], 0
     for images, batch_errors in loader:
         out[position:position + len(images)] = images.numpy()

@@ -159,6 +159,7 @@ def pil_loader(split: SplitList, image_size: int, batch_size: int, num_workers: 
         num_workers=num_workers,
         pin_memory=pin_memory,
         drop_last=drop_last,
+        generator=torch.Generator().manual_seed(shuffle_seed or 0),  # the global RNG stays the model's
         persistent_workers=num_workers > 0 and shuffle_seed is not None,  # training: workers live across epochs
     )
     return _RaiseDecodeErrors(loader, split)
