@@ -230,13 +230,17 @@ def select_records(records: list[dict]) -> tuple[list[dict], list[str]]:
     return used, notes
 
 
+PER_TASK_PEFT_KEYS = ("num_prompts", "per_task")  # differ between tasks by design (VPT's prompt lengths)
+
+
 def mixed_settings_notes(by_method: dict[tuple[str, bool], list[dict]]) -> list[str]:
     """A row averages whatever it is given: say so when its runs differ in what they compute."""
     notes = []
     settings = {
         "backbone": lambda r: (r.get("backbone") or {}).get("name"),
         "epochs": lambda r: r.get("epochs"),
-        "config.peft": lambda r: json.dumps((r.get("config") or {}).get("peft"), sort_keys=True),
+        "config.peft": lambda r: json.dumps({k: v for k, v in ((r.get("config") or {}).get("peft") or {}).items()
+                                             if k not in PER_TASK_PEFT_KEYS}, sort_keys=True),
     }
     for method, records in sorted(by_method.items(), key=lambda item: method_order(item[0])):
         done = [r for r in records if r["status"] == "completed"]

@@ -39,6 +39,7 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema.*")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 # ---- command line -------------------------------------------------------------------------------
