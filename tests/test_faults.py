@@ -200,3 +200,22 @@ def test_a_run_that_builds_the_cache_trains_exactly_like_one_that_finds_it(root,
     assert read_results(tmp_path / "a")["metrics"] == read_results(tmp_path / "b")["metrics"]
     a, b = trainable_state(tmp_path / "a"), trainable_state(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_out_of_gpu_memory_is_recorded_as_failed(root, tmp_path, make_cfg):
+    """The OOM path on a CPU machine: a callback raises the real torch.cuda.OutOfMemoryError mid-training."""
+    import pytorch_lightning as pl
+
+    from gist_exp.train import run
+
+    class OutOfMemory(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step == 3:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    cfg = make_cfg(*TINY, f"data.root={root}", "peft=linear", "trainer.max_epochs=2", "logger=none")
+    record = run(cfg, tmp_path / "run", in_sweep=True, callbacks=[OutOfMemory()])
+    assert record["status"] == "failed" and record["error_type"] == "OutOfMemoryError"
+    assert record["error"].startswith("out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB)")
+    assert "lower data.batch_size" in record["error"]
+    assert read_results(tmp_path / "run")["status"] == "failed"

@@ -107,3 +107,16 @@ def test_wandb_offline_run_holds_the_test_accuracy(sweep_root, tmp_path):
         config = {i.key: json.loads(i.value_json) for i in run.config.update}
         assert config["task"]["name"] == result["task"] and config["recipe"]["lr"] == {"dtd": 5e-3, "eurosat": 3e-3}[result["task"]]  # resolved per task
         assert (run_dir / "logs" / "version_0" / "metrics.csv").is_file()  # the CSV log sits beside it
+
+
+def test_launcher_configs_compose_and_extras_have_no_conflicts(tmp_path):
+    proc = run_cli("hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra", "-p",
+                   "hydra.launcher")
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    assert "gpus_per_node: 1" in proc.stdout and "partition: gpu" in proc.stdout and "SlurmLauncher" in proc.stdout
+    ray = run_cli("hydra/launcher=ray", "--cfg", "hydra", "-p", "hydra.launcher")
+    assert "num_gpus: 1" in ray.stdout and "max_calls: 1" in ray.stdout
+    import subprocess
+    import sys
+    check = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout  # the [ray] and [slurm] extras install without conflicts
