@@ -20,15 +20,25 @@ import json
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
+import warnings
 from datetime import datetime, timezone
+from importlib.metadata import version
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
+from hydra import compose as hydra_compose, initialize_config_dir
+from torch.utils.flop_counter import FlopCounterMode
 
 from .data import TASKS, fake, get_task
 from .data.cache import cached_split
 from .data.vtab import load_protocol
+from .io import atomic_write_bytes
+from .models import build_model
+from .train import CONF_DIR, resolve, run
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH_TASK = "dtd"  # 47 classes; the synthetic tree gets its own sizes
@@ -56,11 +66,6 @@ def matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 10) -> 
 
 def flops_per_image(cfg) -> tuple[float, float]:
     """(forward, training step) FLOPs per image of this exact model, counted by PyTorch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from .models import build_model
-    from .train import resolve
-
     config = resolve(cfg)
     model = build_model(config["backbone"], config["peft"], config["gist"], get_task(BENCH_TASK).num_classes)
     size = cfg.backbone.image_size
@@ -77,10 +82,6 @@ def flops_per_image(cfg) -> tuple[float, float]:
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from .train import CONF_DIR
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=overrides)
 
@@ -103,8 +104,6 @@ def overrides_for(path: str, args, root: Path, task: str) -> list[str]:
 
 def run_path(path: str, args, root: Path, out: Path, test_size: int, task: str = BENCH_TASK,
              callbacks: list | None = None) -> dict:
-    from .train import run
-
     run_dir = out / f"{path}-{task}-{time.strftime('%H%M%S')}-{time.perf_counter_ns()}"
     record = run(compose(overrides_for(path, args, root, task)), run_dir, callbacks=callbacks)
     return summarise(path, record, test_size)
@@ -113,9 +112,6 @@ def run_path(path: str, args, root: Path, out: Path, test_size: int, task: str =
 def cli_run(args, root: Path, out: Path) -> dict:
     """The fast path as a user runs it: `python -m gist_exp.train ...` in a new process, timed from the
     outside (imports and compilation included; torch.compile's on-disk caches are warm by now)."""
-    import subprocess
-    import sys
-
     run_dir = out / f"cli-{time.perf_counter_ns()}"
     command = [sys.executable, "-m", "gist_exp.train", *overrides_for("fast", args, root, BENCH_TASK),
                f"hydra.run.dir={run_dir}"]
@@ -150,46 +146,47 @@ def summarise(path: str, record: dict, test_size: int) -> dict:
     }
 
 
-def project_sweep(fast: dict, bench_test_size: int, epochs_per_task: int, train_size: int, batch: int,
-                  drop_last: bool = True) -> dict:
-    """19 tasks of one method from the measured rates and SPEC test sizes: train + test + per-task overhead."""
-    steps = train_size // batch if drop_last else -(-train_size // batch)
-    train_images = epochs_per_task * steps * batch
+def build_cache(root: Path, task: str, image_size: int, workers: int) -> None:
+    """Decode once, before timing: the targets are for runs once the cache exists."""
+    for split in load_protocol(root, get_task(task), "final"):
+        cached_split(split, root / "_cache", image_size, workers)
+
+
+def task_seconds(fast: dict, overhead_s: float, train_images: int, test_images: int) -> float:
+    """The projection model: per-task overhead + training images / rate + test images / rate."""
+    return overhead_s + train_images / fast["train_img_s"] + test_images / fast["test_img_s"]
+
+
+def project_sweep(fast: dict, bench_test_size: int, epochs_per_task: int, train_size: int, batch: int) -> dict:
+    """19 tasks of one method from the measured rates and SPEC test sizes (training drops the last batch)."""
+    train_images = epochs_per_task * (train_size // batch) * batch
     # model build, data checks, compilation and every first batch: what the steady rates leave out
-    overhead = fast["task_s"] - fast["train_images"] / fast["train_img_s"] - bench_test_size / fast["test_img_s"]
-    per_task = {t.name: overhead + train_images / fast["train_img_s"] + t.test_size / fast["test_img_s"]
-                for t in TASKS.values()}
+    overhead = fast["task_s"] - task_seconds(fast, 0.0, fast["train_images"], bench_test_size)
+    per_task = {t.name: task_seconds(fast, overhead, train_images, t.test_size) for t in TASKS.values()}
     return {"per_task_s": per_task, "total_s": sum(per_task.values()), "overhead_s": overhead,
             "train_images_per_task": train_images}
 
 
-class _SyncDebug:
-    """A Lightning callback: CUDA sync debugging on from the start to the end of every training batch."""
+class SyncDebug(pl.Callback):
+    """CUDA sync debugging on from the start to the end of every training batch."""
 
-    def __init__(self):
-        import pytorch_lightning as pl
+    def on_train_batch_start(self, *args):
+        torch.cuda.set_sync_debug_mode("warn")
 
-        class Callback(pl.Callback):
-            def on_train_batch_start(self, *args):
-                torch.cuda.set_sync_debug_mode("warn")
-
-            def on_train_batch_end(self, *args):
-                torch.cuda.set_sync_debug_mode(0)
-
-        self.callback = Callback()
+    def on_train_batch_end(self, *args):
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def check_sync(args, root: Path, out: Path) -> float:
     """Train the fast path (eager) for 3 epochs with every host synchronisation inside a training step
     (forward, loss, backward, optimizer) turned into a warning; return the count per step."""
-    import warnings
-
     short = argparse.Namespace(**{**vars(args), "epochs": 3, "compile": False})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = run_path("fast", short, root, out / "sync", args.test, callbacks=[_SyncDebug().callback])
+        record = run_path("fast", short, root, out / "sync", args.test, callbacks=[SyncDebug()])
     torch.cuda.set_sync_debug_mode(0)
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    # PyTorch's warning for each synchronising call (its one-off "prototype feature" notice is not one)
+    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
     steps = record["train_images"] // 64
     print(f"sync check: {len(syncs)} host synchronisations inside {steps} training steps "
           f"({len(syncs) / steps:.2f} per step)")
@@ -198,7 +195,7 @@ def check_sync(args, root: Path, out: Path) -> float:
     return len(syncs) / steps
 
 
-def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str) -> dict:
+def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str, image_size: int) -> dict:
     """Run several synthetic tasks one after another in this process (as a sweep with the basic launcher
     does) and compare their measured total with the projection from the single-task rates."""
     tasks = [(name, int(size)) for name, size in (item.split(":") for item in spec.split(","))]
@@ -208,11 +205,10 @@ def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str) ->
         root = root_base / f"projection-{args.train}-{width}x{height}"
         if not (root / name / "test.txt").is_file():
             fake.make_task(root, name, args.train, test_size, (width, height), workers=args.workers)
-        for split in load_protocol(root, get_task(name), "final"):
-            cached_split(split, root / "_cache", 224 if args.backbone != "vit_tiny_test" else 32, args.workers)
+        build_cache(root, name, image_size, args.workers)
         record = run_path("fast", args, root, out / "projection", test_size, task=name)
         measured += record["task_s"]
-        projected += fast["overhead_s"] + record["train_images"] / fast["train_img_s"] + test_size / fast["test_img_s"]
+        projected += task_seconds(fast, fast["overhead_s"], record["train_images"], test_size)
         print(f"projection check: {name} ({get_task(name).num_classes} classes, {test_size} test): "
               f"measured {record['task_s']:.1f}s")
     print(f"projection check: {len(tasks)} tasks measured {measured:.1f}s, projected {projected:.1f}s "
@@ -222,8 +218,6 @@ def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str) ->
 
 # ---- reporting ------------------------------------------------------------------------------
 def machine() -> dict:
-    from importlib.metadata import version
-
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "host": platform.node(), "gpu": gpu,
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
@@ -249,8 +243,6 @@ def append_results(path: Path, info: dict, args, results: dict, ratio: float, mf
     marker = "<!-- bench rows -->\n"
     if marker not in text:
         text += f"\n## Benchmark rows (appended by `python -m gist_exp.bench`)\n\n{marker}{header}"
-    from .io import atomic_write_bytes
-
     atomic_write_bytes(path, (text + row).encode())
 
 
@@ -298,10 +290,8 @@ def main(argv=None) -> None:
         fake.make_task(root, BENCH_TASK, args.train, args.test, (width, height), workers=args.workers)
     cfg_fast = compose([f"backbone={args.backbone}", "backbone.weights=random", f"task={BENCH_TASK}", "peft=adapter"])
 
-    # The decode-once cache is built before timing: the targets are for runs once the cache exists.
     start = time.perf_counter()
-    for split in load_protocol(root, get_task(BENCH_TASK), "final"):
-        cached_split(split, root / "_cache", cfg_fast.backbone.image_size, args.workers)
+    build_cache(root, BENCH_TASK, cfg_fast.backbone.image_size, args.workers)
     cache_s = time.perf_counter() - start
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -324,8 +314,8 @@ def main(argv=None) -> None:
     projection = project_sweep(fast, args.test, args.epochs, args.train, 64) if fast else None
     if fast and projection:
         fast["overhead_s"] = projection["overhead_s"]
-    projection_check = check_projection(args, args.root, out, fast, args.check_projection) \
-        if fast and args.check_projection else None
+    projection_check = check_projection(args, args.root, out, fast, args.check_projection,
+                                        cfg_fast.backbone.image_size) if fast and args.check_projection else None
 
     print(f"\nmachine: {info}")
     print(f"cache build (decode once, {args.train + args.test} JPEGs, {args.workers} workers): {cache_s:.1f}s")

@@ -17,7 +17,6 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-
 log = logging.getLogger("gist_exp")
 
 PROGRESS_FILE = "sweep_progress.jsonl"
@@ -95,7 +94,7 @@ class SweepProgress(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self.sweep_id = f"{os.getpid()}-{time.time_ns()}"
         append_line(Path(config.hydra.sweep.dir), {"event": "start", "id": self.sweep_id,
-                                                    "total": count_jobs(config), "unix": time.time()})
+                                                    "total": count_jobs(config)})
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         _, lines = current_sweep(Path(config.hydra.sweep.dir), getattr(self, "sweep_id", None))

@@ -20,19 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
+import pytorch_lightning as pl
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 
 from . import sweep
+from .checkpoint import AtomicCheckpointIO
 from .data import Task, VTabDataModule, get_task
 from .data.tasks import UnknownTaskError, canonical_task_name
 from .errors import ConfigError, GistExpError
 from .models import build_model, count_parameters
 from .module import GistModule, LossWeights, Schedule
-from .results import base_record, config_hash, read_results, write_results
+from .results import base_record, read_results, write_results
 
 log = logging.getLogger("gist_exp")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -133,6 +137,7 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: li
         kept = output_dir / f"results.{previous.get('config_hash')}.json"
         os.replace(output_dir / "results.json", kept)
         log.warning("results.json of a different configuration moved to %s", kept)
+    job.module.config_hash = record["config_hash"]  # a checkpoint of another configuration is refused
     try:
         record.update(execute(job, cfg, config, output_dir, in_sweep, callbacks or []))
         record["status"] = "completed"
@@ -215,8 +220,6 @@ def precision(cfg: DictConfig) -> str:
 
 
 def make_loggers(cfg: DictConfig, config: dict, output_dir: Path, task: str):
-    from pytorch_lightning.loggers import CSVLogger, WandbLogger
-
     if cfg.logger.name == "none":
         return []
     # a new logs/version_N/ per attempt: a resumed run keeps the metrics of the attempts before it
@@ -234,7 +237,7 @@ def make_loggers(cfg: DictConfig, config: dict, output_dir: Path, task: str):
 def close_loggers(loggers) -> None:
     """Finish each W&B run, so nothing of this job bleeds into the next job of the same process."""
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
 
 
@@ -259,8 +262,6 @@ def prepare(cfg: DictConfig, config: dict) -> Job:
     check_config(cfg, max_epochs)
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 for any fp32 matmul, as the reference timings
-    import pytorch_lightning as pl
-
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = VTabDataModule(
         root=cfg.data.root, task=task, protocol=cfg.protocol, image_size=cfg.backbone.image_size,
@@ -281,14 +282,8 @@ def prepare(cfg: DictConfig, config: dict) -> Job:
 
 def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep: bool, callbacks: list) -> dict:
     """Train (resuming from last.ckpt when there is one), test on the last weights, return the results fields."""
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    from .checkpoint import AtomicCheckpointIO
-
     job_start = time.perf_counter()
     module, datamodule, params = job.module, job.datamodule, job.params
-    module.config_hash = config_hash(config)
     job.loggers = loggers = make_loggers(cfg, config, output_dir, job.task.name)
     for logger in loggers:
         logger.log_hyperparams({"params": params})
@@ -327,7 +322,7 @@ def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep:
                         f"{key}_during_training": [[e, round(a, 4)] for e, a in module.eval_history]})
     for logger in loggers:
         logger.log_metrics({f"final/{k}": v for k, v in metrics.items() if not isinstance(v, list)})
-        if type(logger).__name__ == "WandbLogger":
+        if isinstance(logger, WandbLogger):
             logger.experiment.summary.update({key: metrics[key], **params})
     return {
         "eval_split": datamodule.eval_split.split,
