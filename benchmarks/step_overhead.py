@@ -1,11 +1,13 @@
 """Where one training step's time goes (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
-    PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60]
+    PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
 measured with CUDA events and the host time spent issuing it: a host time close to the step time
-means the step is bound by Python / launch overhead, not by the GPU.
+means the step is bound by Python / launch overhead, not by the GPU. "warmup s" is the first 10
+steps, compilation included; "2nd model s" is the same for a second model with another class count
+built in the same process, as the next job of a sweep is.
 """
 
 from __future__ import annotations
@@ -15,22 +17,42 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from gist_exp.models import build_model, gist_loss
 
 BACKBONE = dict(name="vit_base_patch16_224.augreg_in21k", weights="random")
 PEFT = dict(name="adapter", variant="shared_parallel", rank=8, alpha=8, targets=["qkv"])
 GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
+VARIANTS = {  # name: (what is compiled, torch.compile mode)
+    "eager": (None, None),
+    "compiled": ("tokens", "default"),
+    "reduce-overhead": ("tokens", "reduce-overhead"),  # what compile=true does
+    "whole-model": ("whole", "reduce-overhead"),  # model and loss compiled, as compile=true did before
+}
 
 
-def make(compile_mode: str | None, peft: str):
+def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False):
     torch.manual_seed(0)
-    model = build_model(BACKBONE, {**PEFT, "name": peft}, GIST, 47).cuda()
-    if compile_mode:
-        model.compile(dynamic=False, mode=None if compile_mode == "default" else compile_mode)
+    start = time.perf_counter()
+    with torch.device("cuda"):
+        model = build_model(BACKBONE, {**PEFT, "name": peft}, GIST, num_classes)
+    torch.cuda.synchronize()
+    build_s = time.perf_counter() - start
+    if frozen_bf16:  # frozen matmul weights stored in bf16: autocast casts them anyway
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
+                module.weight.data = module.weight.data.bfloat16()
+    unit, mode = VARIANTS[variant]
+    loss_fn = gist_loss
+    if unit == "tokens":
+        model.compile_tokens(None if mode == "default" else mode)
+    elif unit == "whole":
+        model.compile(dynamic=False, mode=mode)
+        loss_fn = torch.compile(gist_loss, dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    return model, optimizer
+    return model, optimizer, loss_fn, build_s
 
 
 def step_fn(model, optimizer, loss_fn):
@@ -45,14 +67,20 @@ def step_fn(model, optimizer, loss_fn):
     return step
 
 
-def measure(step, steps: int, batch: int = 64) -> dict:
-    images = torch.randint(0, 256, (batch, 3, 224, 224), dtype=torch.uint8, device="cuda")
-    labels = torch.randint(0, 47, (batch,), device="cuda")
+def batch(size: int = 64, classes: int = 47):
+    images = torch.randint(0, 256, (size, 3, 224, 224), dtype=torch.uint8, device="cuda")
+    return images, torch.randint(0, classes, (size,), device="cuda")
+
+
+def warmup(step, images, labels, steps: int = 10) -> float:
     start = time.perf_counter()
-    for _ in range(10):
+    for _ in range(steps):
         step(images, labels)
     torch.cuda.synchronize()
-    warmup = time.perf_counter() - start
+    return time.perf_counter() - start
+
+
+def measure(step, steps: int, images, labels) -> dict:
     gpu, host = [], []
     for _ in range(steps):
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -64,26 +92,65 @@ def measure(step, steps: int, batch: int = 64) -> dict:
         torch.cuda.synchronize()
         gpu.append(begin.elapsed_time(end) / 1e3)
     ms = statistics.median(gpu) * 1e3
-    return {"step_ms": ms, "host_ms": statistics.median(host) * 1e3, "img_s": batch / ms * 1e3, "warmup_s": warmup}
+    return {"step_ms": ms, "host_ms": statistics.median(host) * 1e3, "img_s": len(labels) / ms * 1e3}
+
+
+def print_profile(step, images, labels, rows: int = 30) -> None:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step(images, labels)
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
+
+
+def eval_rate(model, size: int = 512, batches: int = 10) -> float:
+    images, _ = batch(size)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        for _ in range(3):
+            model.predict(images)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(batches):
+            model.predict(images)
+        torch.cuda.synchronize()
+    return size * batches / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--variants", default="eager,compiled,compiled+loss,reduce-overhead")
-    parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | ...")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | lora | vpt")
+    parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
+    parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512")
+    parser.add_argument("--second-model", action="store_true",
+                        help="time the warmup of a second model (10 classes) built in the same process")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"{'variant':<18} {'step ms':>8} {'host ms':>8} {'img/s':>8} {'warmup s':>9}")
+    print(f"peft={args.peft} frozen_bf16={args.frozen_bf16}")
+    print(f"{'variant':<28} {'step ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
+          f"{'2nd model s':>11} {'eval img/s':>10}")
     for variant in args.variants.split(","):
-        mode = {"eager": None, "compiled": "default", "compiled+loss": "default",
-                "reduce-overhead": "reduce-overhead"}[variant]
-        model, optimizer = make(mode, args.peft)
-        loss = torch.compile(gist_loss, dynamic=False) if variant in ("compiled+loss", "reduce-overhead") else gist_loss
-        r = measure(step_fn(model, optimizer, loss), args.steps)
-        print(f"{variant:<18} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['img_s']:>8,.0f} {r['warmup_s']:>9.1f}",
-              flush=True)
-        del model, optimizer
+        model, optimizer, loss_fn, build_s = make(variant, args.peft, frozen_bf16=args.frozen_bf16)
+        images, labels = batch()
+        step = step_fn(model, optimizer, loss_fn)
+        warm_s = warmup(step, images, labels)
+        r = measure(step, args.steps, images, labels)
+        second = eval_img_s = float("nan")
+        if args.eval:
+            model.eval()
+            eval_img_s = eval_rate(model)
+            model.train()
+        if args.profile and VARIANTS[variant][1] != "reduce-overhead":  # CUDA graphs hide their kernels
+            print_profile(step, images, labels)
+        if args.second_model:
+            other, other_opt, other_loss, _ = make(variant, args.peft, num_classes=10, frozen_bf16=args.frozen_bf16)
+            second = warmup(step_fn(other, other_opt, other_loss), images, labels % 10)
+            del other, other_opt
+        print(f"{variant:<28} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['img_s']:>8,.0f} {build_s:>8.2f} "
+              f"{warm_s:>9.1f} {second:>11.1f} {eval_img_s:>10,.0f}", flush=True)
+        del model, optimizer, step
         torch.cuda.empty_cache()
 
 

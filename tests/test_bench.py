@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 
@@ -21,4 +23,9 @@ def test_bench_smoke_times_both_paths_and_appends_a_row(tmp_path):
     import json
     numbers = json.loads((tmp_path / "b.json").read_text())
     assert numbers["results"]["fast"]["train_images"] == 3 * (200 // 64) * 64
-    assert numbers["projection"]["total_s"] > 0
+    assert numbers["results"]["fast-next"]["train_images"] == numbers["results"]["fast"]["train_images"]
+    projection = numbers["projection"]  # the first task compiles, the 18 others reuse its graphs
+    assert len(projection["per_task_s"]) == 19
+    assert projection["total_s"] == pytest.approx(
+        sum(projection["per_task_s"].values()) + projection["first_overhead_s"] - projection["overhead_s"])
+    assert "as the next task in the same process" in out

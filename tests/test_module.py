@@ -2,6 +2,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from timm.scheduler import CosineLRScheduler
+from torch._dynamo.utils import counters
 
 from gist_exp.data.datamodule import VTabDataModule
 from gist_exp.data.tasks import TASKS
@@ -62,3 +63,30 @@ def test_weight_decay_groups_and_checkpoint_holds_trainable_only(small_root, tmp
     saved = torch.load(tmp_path / "x.ckpt", weights_only=True)["state_dict"]
     trainable = {f"model.{n}" for n, p in module.model.named_parameters() if p.requires_grad}
     assert set(saved) == trainable and len(saved) < len(module.state_dict()) / 3
+
+
+def test_compile_keeps_checkpoint_keys_outputs_and_gradients_and_tasks_share_graphs():
+    torch.manual_seed(0)
+    eager = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=47).eval()
+    compiled = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=47).eval()
+    compiled.load_state_dict(eager.state_dict())
+    module = GistModule(compiled, lr=1e-2, weight_decay=0.05, schedule=Schedule(4, 1, 0), compile=True)
+    assert list(module.model.state_dict()) == list(eager.state_dict())  # checkpoint keys unchanged
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    grads = []
+    for model in (eager, compiled):
+        cls_logits, gist_logits = model(images)
+        (cls_logits.square().sum() + gist_logits.sum()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        grads[-1]["logits"] = cls_logits.detach()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+    # the next task of a sweep (another class count and drop-path rate) reuses the training graph
+    cls_logits, gist_logits = compiled.train()(images)
+    (cls_logits.sum() + gist_logits.sum()).backward()
+    graphs = counters["stats"]["unique_graphs"]
+    other = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=10, drop_path_rate=0.2)
+    GistModule(other, lr=1e-2, weight_decay=0.05, schedule=Schedule(4, 1, 0), compile=True)
+    cls_logits, gist_logits = other(images)
+    (cls_logits.sum() + gist_logits.sum()).backward()
+    assert counters["stats"]["unique_graphs"] == graphs > 0

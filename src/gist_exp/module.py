@@ -65,12 +65,9 @@ class GistModule(pl.LightningModule):
         self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
         self.train_images = 0
         if compile:
-            # In place, so parameter names (checkpoint keys) do not change. Static shapes: the last
-            # evaluation batch gets its own graph instead of turning every graph dynamic. On a GPU the
-            # step is bound by the host issuing kernels (benchmarks/RESULTS.md), so CUDA graphs replay it.
-            mode = "reduce-overhead" if torch.cuda.is_available() else None
-            self.model.compile(dynamic=False, mode=mode)
-            self.loss = torch.compile(self.loss, dynamic=False)
+            # On a GPU the eager step is bound by the host issuing kernels (benchmarks/RESULTS.md), so
+            # CUDA graphs replay the compiled part.
+            self.model.compile_tokens("reduce-overhead" if torch.cuda.is_available() else None)
 
     # ---- training -------------------------------------------------------------------------------
     def loss(self, cls_logits, gist_logits, labels):
@@ -132,7 +129,7 @@ class GistModule(pl.LightningModule):
         images, labels = batch
         n = labels.shape[0]
         if self.compiled and self._count and n < self._full_batch:
-            # pad the last, smaller batch: a compiled model would otherwise compile a graph for its shape
+            # pad the last, smaller batch: the compiled tokens would otherwise compile a graph for its shape
             pad = images.new_zeros((self._full_batch - n, *images.shape[1:]))
             images = torch.cat([images, pad])
         self._full_batch = max(self._full_batch, n) if self._count else n

@@ -205,6 +205,8 @@ def check_config(cfg: DictConfig, max_epochs: int) -> None:
     if cfg.recipe.warmup_epochs >= cfg.recipe.epochs:
         raise ConfigError(f"recipe.warmup_epochs={cfg.recipe.warmup_epochs} must be below recipe.epochs="
                           f"{cfg.recipe.epochs}")
+    if not (isinstance(cfg.recipe.drop_path, (int, float)) and 0 <= cfg.recipe.drop_path < 1):
+        raise ConfigError(f"recipe.drop_path={cfg.recipe.drop_path!r} must be a number in [0, 1)")
     if cfg.peft.name == "vpt" and not (isinstance(cfg.peft.num_prompts, int) and cfg.peft.num_prompts >= 1):
         raise ConfigError(f"peft.num_prompts={cfg.peft.num_prompts!r} must be a positive integer")
     size, patch = cfg.backbone.image_size, cfg.backbone.patch_size
@@ -217,6 +219,13 @@ def precision(cfg: DictConfig) -> str:
         return str(cfg.trainer.precision)
     on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
     return "bf16-mixed" if on_gpu else "32-true"
+
+
+def build_device(cfg: DictConfig) -> torch.device:
+    """Where the model is built: the device Lightning will train on (one GPU per job)."""
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def make_loggers(cfg: DictConfig, config: dict, output_dir: Path, task: str):
@@ -271,8 +280,9 @@ def prepare(cfg: DictConfig, config: dict) -> Job:
     datamodule.validate()
 
     gist = config["gist"]
-    model = build_model(config["backbone"], config["peft"], gist, task.num_classes, recipe.drop_path,
-                        cfg.data.normalization)
+    with torch.device(build_device(cfg)):  # initialising 86M parameters on the CPU takes seconds
+        model = build_model(config["backbone"], config["peft"], gist, task.num_classes, recipe.drop_path,
+                            cfg.data.normalization)
     params = count_parameters(model)
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in params.items()))
     loss = LossWeights(gist["ce_weight"], gist["kl_weight"], gist["temperature"]) if gist["enabled"] else None

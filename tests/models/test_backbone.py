@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from gist_exp.errors import WeightsError
-from gist_exp.models.backbone import create_backbone
+from gist_exp.models.backbone import DropPath, create_backbone
 from tiny import BACKBONE
 
 ARGS = BACKBONE["model_args"]
@@ -121,3 +121,20 @@ def test_hub_without_network_or_cache_says_how_to_supply(tmp_path):
     assert out.returncode != 0
     assert "WeightsError: could not load pretrained weights for backbone 'vit_base_patch16_224.augreg_in21k'" in out.stderr
     assert "backbone.weights=/path/to/file" in out.stderr and str(tmp_path) in out.stderr
+
+
+def test_drop_path_rates_follow_timms_depth_schedule_and_keep_its_maths():
+    model = create_backbone(BACKBONE["name"], "random", 5, 0.2, BACKBONE["model_args"])
+    rates = [1 - b.drop_path1.keep.item() for b in model.blocks]
+    assert rates == pytest.approx([0.0, 0.2])  # timm: linspace(0, rate, depth), both branches alike
+    assert [1 - b.drop_path2.keep.item() for b in model.blocks] == pytest.approx(rates)
+    assert all(k.startswith(("patch_embed", "cls_token", "pos_embed", "blocks", "norm", "head")) for k in model.state_dict())
+
+    x = torch.randn(4000, 3, 2)
+    assert torch.equal(DropPath(0.0).train()(x), x)  # rate 0: exactly the identity while training
+    assert torch.equal(DropPath(0.3).eval()(x), x)
+    y = DropPath(0.25).train()(x)
+    kept = (y != 0).all(dim=(1, 2))
+    assert 0.72 < kept.float().mean() < 0.78  # each sample's branch kept with probability 0.75
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert torch.equal(y[~kept], torch.zeros_like(y[~kept]))

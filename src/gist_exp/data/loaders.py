@@ -10,6 +10,7 @@ in the same order; Lightning calls `sampler.set_epoch` at the start of each epoc
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 
@@ -67,8 +68,8 @@ class DeviceBatches:
 
 
 class StreamingBatches:
-    """Evaluation batches read in order from the memory-mapped cache by one background thread, into
-    (optionally pinned) memory, a couple of batches ahead of the device."""
+    """Evaluation batches read in order from the cache file by one background thread, straight into
+    (optionally pinned) memory with one read per batch, a couple of batches ahead of the device."""
 
     def __init__(self, images_path, labels: np.ndarray, batch_size: int, pin_memory: bool, prefetch: int = 3):
         self.images_path = images_path
@@ -82,20 +83,32 @@ class StreamingBatches:
     def __len__(self) -> int:
         return -(-len(self.labels) // self.batch_size)
 
-    def _batch(self, images: np.ndarray, i: int):
-        rows = slice(i * self.batch_size, (i + 1) * self.batch_size)
-        batch = torch.from_numpy(np.array(images[rows]))
-        return (batch.pin_memory() if self.pin_memory else batch), torch.from_numpy(self.labels[rows])
+    def _batch(self, fd: int, layout: np.memmap, i: int):
+        start = i * self.batch_size
+        rows = min(self.batch_size, len(self.labels) - start)
+        images = torch.empty((rows, *layout.shape[1:]), dtype=torch.uint8, pin_memory=self.pin_memory)
+        buffer = memoryview(images.numpy()).cast("B")
+        offset = layout.offset + start * layout[0].nbytes
+        done = 0
+        while done < buffer.nbytes:  # a read may return less than asked
+            got = os.preadv(fd, [buffer[done:]], offset + done)
+            if got == 0:
+                raise DataError(f"{self.images_path} ends early: delete its cache entry to rebuild it")
+            done += got
+        return images, torch.from_numpy(self.labels[start:start + rows])
 
     def __iter__(self):
-        images = np.load(self.images_path, mmap_mode="r")
+        layout = np.load(self.images_path, mmap_mode="r")  # the header: shape and data offset
+        if layout.dtype != np.uint8 or not layout.flags.c_contiguous:
+            raise DataError(f"{self.images_path} is not a uint8 C-order array: delete its cache entry to rebuild it")
+        fd = os.open(self.images_path, os.O_RDONLY)
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
         def produce():
             try:
                 for i in range(len(self)):
-                    item = self._batch(images, i)
+                    item = self._batch(fd, layout, i)
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
@@ -119,6 +132,7 @@ class StreamingBatches:
         finally:
             stop.set()
             thread.join()
+            os.close(fd)
 
 
 class _RaiseDecodeErrors:

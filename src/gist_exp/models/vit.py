@@ -72,6 +72,13 @@ class PeftViT(nn.Module):
             x = block(x)
         return vit.norm(x)
 
+    def compile_tokens(self, mode: str | None = None) -> None:
+        """torch.compile the token pipeline in place (parameter names, hence checkpoint keys, unchanged).
+        The heads and the loss stay eager: their shapes depend on the task's class count, and leaving
+        them out lets every task of a sweep reuse the same compiled graphs. Static shapes: an odd batch
+        size would compile another graph, so callers keep batches at one size."""
+        self.tokens = torch.compile(self.tokens, dynamic=False, mode=mode)
+
     def head(self, token: torch.Tensor, gist: bool = False) -> torch.Tensor:
         head = self.gist_head if gist and self.gist_head is not None else self.vit.head
         return head(self.vit.head_drop(self.vit.fc_norm(token)))
