@@ -203,9 +203,11 @@ def check_sync(args, root: Path, out: Path) -> float:
     return len(syncs) / steps
 
 
-def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str, image_size: int) -> dict:
+def check_projection(args, root_base: Path, out: Path, fast: dict, overhead: float, spec: str,
+                     image_size: int) -> dict:
     """Run several synthetic tasks one after another in this process (as a sweep with the basic launcher
-    does) and compare their measured total with the projection from the single-task rates."""
+    does) and compare their measured total with the projection from the single-task rates and the
+    per-task `overhead` of a later task."""
     tasks = [(name, int(size)) for name, size in (item.split(":") for item in spec.split(","))]
     width, height = fake.parse_size(args.image_size)
     measured, projected = 0.0, 0.0
@@ -216,7 +218,7 @@ def check_projection(args, root_base: Path, out: Path, fast: dict, spec: str, im
         build_cache(root, name, image_size, args.workers)
         record = run_path("fast", args, root, out / "projection", test_size, task=name)
         measured += record["task_s"]
-        projected += task_seconds(fast, fast["overhead_s"], record["train_images"], test_size)
+        projected += task_seconds(fast, overhead, record["train_images"], test_size)
         print(f"projection check: {name} ({get_task(name).num_classes} classes, {test_size} test): "
               f"measured {record['task_s']:.1f}s")
     print(f"projection check: {len(tasks)} tasks measured {measured:.1f}s, projected {projected:.1f}s "
@@ -320,9 +322,7 @@ def main(argv=None) -> None:
     ratio = ref["task_s"] / fast["task_s"] if fast and ref else None
     mfu = fast["train_img_s"] * step_flops / (tflops * 1e12) if fast and tflops else None
     projection = project_sweep(fast, results.get("fast-next"), args.test, args.epochs, args.train, 64) if fast else None
-    if fast and projection:
-        fast["overhead_s"] = projection["overhead_s"]
-    projection_check = check_projection(args, args.root, out, fast, args.check_projection,
+    projection_check = check_projection(args, args.root, out, fast, projection["overhead_s"], args.check_projection,
                                         cfg_fast.backbone.image_size) if fast and args.check_projection else None
 
     print(f"\nmachine: {info}")

@@ -217,8 +217,7 @@ def check_config(cfg: DictConfig, max_epochs: int) -> None:
 def precision(cfg: DictConfig) -> str:
     if cfg.trainer.precision != "auto":
         return str(cfg.trainer.precision)
-    on_gpu = torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
-    return "bf16-mixed" if on_gpu else "32-true"
+    return "bf16-mixed" if build_device(cfg).type == "cuda" else "32-true"
 
 
 def build_device(cfg: DictConfig) -> torch.device:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import textwrap
+import threading
 
 import numpy as np
 import pytest
@@ -130,3 +131,20 @@ def test_concurrent_builds_agree_and_build_once(small_root, tmp_path):
     entries = {line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("ENTRY")}
     assert len(entries) == 1
     assert sum(out.count("cached dtd/test") for out in outputs) == 1  # the second job waited and reused it
+
+
+def test_evaluation_stream_ends_its_reader_when_the_consumer_stops_early(small_root, tmp_path):
+    dm = VTabDataModule(small_root, DTD, image_size=32, cache_dir=tmp_path / "cache", eval_batch_size=10,
+                        num_workers=0)
+    dm.setup()
+    stream = dm.test_dataloader()  # 20 test images: 2 batches
+    stream.prefetch = 1
+    before = threading.active_count()
+    batches = iter(stream)
+    next(batches)
+    time.sleep(0.3)  # the reader has queued the last batch and is waiting to queue the end marker
+    closing = threading.Thread(target=batches.close)
+    closing.start()
+    closing.join(timeout=10)
+    assert not closing.is_alive(), "closing the stream hangs on its reader thread"
+    assert threading.active_count() == before

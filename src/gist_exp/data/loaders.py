@@ -105,22 +105,25 @@ class StreamingBatches:
         ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
         stop = threading.Event()
 
+        def hand_over(item) -> bool:
+            """Queue `item` unless the consumer has gone (then a blocking put would never return)."""
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
         def produce():
             try:
                 for i in range(len(self)):
-                    item = self._batch(fd, layout, i)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            pass
-                    if stop.is_set():
+                    if not hand_over(self._batch(fd, layout, i)):
                         return
             except BaseException as e:  # handed to the consumer, which raises it
-                ready.put(e)
+                hand_over(e)
                 return
-            ready.put(None)
+            hand_over(None)
 
         thread = threading.Thread(target=produce, daemon=True)
         thread.start()
