@@ -13,6 +13,7 @@ built in the same process, as the next job of a sweep is.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -20,16 +21,29 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gist_exp.models import build_model, gist_loss
+from gist_exp.models.adapter import Adapter
 
 BACKBONE = dict(name="vit_base_patch16_224.augreg_in21k", weights="random")
 PEFT = dict(name="adapter", variant="shared_parallel", rank=8, alpha=8, targets=["qkv"])
 GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
-VARIANTS = {  # name: (what is compiled, torch.compile mode)
-    "eager": (None, None),
-    "compiled": ("tokens", "default"),
-    "reduce-overhead": ("tokens", "reduce-overhead"),  # what compile=true does
-    "whole-model": ("whole", "reduce-overhead"),  # model and loss compiled, as compile=true did before
+VARIANTS = {  # name: (what is compiled, torch.compile mode, adapter up-projection form)
+    "eager": (None, None, "linear"),
+    "compiled": ("tokens", "default", "linear"),
+    "reduce-overhead": ("tokens", "reduce-overhead", "linear"),  # what compile=true does
+    "reduce-overhead-unrolled-up": ("tokens", "reduce-overhead", "unrolled"),
+    "regional": ("blocks", "reduce-overhead", "linear"),  # one compiled graph that every block reuses
+    "whole-model": ("whole", "reduce-overhead", "linear"),  # model and loss compiled, as compile=true did before
 }
+
+
+def unrolled_up(adapter, x):
+    """The adapter with its up-projection written as `bottleneck` broadcast multiply-adds: pointwise
+    ops that inductor can fuse into the residual sum, instead of a K=4 GEMM."""
+    hidden = adapter.act(adapter.down(x))
+    out = adapter.up.bias
+    for k in range(hidden.shape[-1]):
+        out = out + hidden[..., k:k + 1] * adapter.up.weight[:, k]
+    return out * adapter.scale
 
 
 def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False):
@@ -43,10 +57,17 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
                 module.weight.data = module.weight.data.bfloat16()
-    unit, mode = VARIANTS[variant]
+    unit, mode, up = VARIANTS[variant]
+    if up == "unrolled":
+        for module in model.modules():
+            if isinstance(module, Adapter):
+                module.forward = functools.partial(unrolled_up, module)
     loss_fn = gist_loss
     if unit == "tokens":
-        model.compile_tokens(None if mode == "default" else mode)
+        model.compile_tokens(mode)
+    elif unit == "blocks":
+        for block in model.vit.blocks:
+            block.compile(dynamic=False, mode=mode)
     elif unit == "whole":
         model.compile(dynamic=False, mode=mode)
         loss_fn = torch.compile(gist_loss, dynamic=False)
@@ -123,9 +144,12 @@ def main() -> None:
     parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | lora | vpt")
     parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
-    parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512")
+    parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512 (eager, as evaluation runs)")
     parser.add_argument("--second-model", action="store_true",
                         help="time the warmup of a second model (10 classes) built in the same process")
+    parser.add_argument("--next-models", type=int, default=0, metavar="N",
+                        help="then train N more models in turn, as a long sweep in one process does, and "
+                             "report each one's warmup, step time and GPU memory")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     print(f"peft={args.peft} frozen_bf16={args.frozen_bf16}")
@@ -152,6 +176,23 @@ def main() -> None:
               f"{warm_s:>9.1f} {second:>11.1f} {eval_img_s:>10,.0f}", flush=True)
         del model, optimizer, step
         torch.cuda.empty_cache()
+        if args.next_models:
+            next_models(variant, args.peft, args.next_models, images, labels)
+
+
+def next_models(variant: str, peft: str, count: int, images, labels) -> None:
+    """Models of changing class counts trained one after another, the previous one dropped first."""
+    print(f"  {'model':>5} {'classes':>7} {'warmup s':>8} {'step ms':>8} {'allocated GiB':>13} {'reserved GiB':>12}")
+    for i in range(count):
+        classes = (10, 100, 2, 397, 47)[i % 5]
+        model, optimizer, loss_fn, _ = make(variant, peft, num_classes=classes)
+        step = step_fn(model, optimizer, loss_fn)
+        warm_s = warmup(step, images, labels % classes)
+        r = measure(step, 20, images, labels % classes)
+        print(f"  {i + 1:>5} {classes:>7} {warm_s:>8.2f} {r['step_ms']:>8.2f} "
+              f"{torch.cuda.memory_allocated() / 2**30:>13.2f} {torch.cuda.memory_reserved() / 2**30:>12.2f}",
+              flush=True)
+        del model, optimizer, step
 
 
 if __name__ == "__main__":

@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -65,7 +68,7 @@ def test_weight_decay_groups_and_checkpoint_holds_trainable_only(small_root, tmp
     assert set(saved) == trainable and len(saved) < len(module.state_dict()) / 3
 
 
-def test_compile_keeps_checkpoint_keys_outputs_and_gradients_and_tasks_share_graphs():
+def test_compile_keeps_checkpoint_keys_outputs_and_gradients_and_tasks_share_graphs_and_eval_stays_eager():
     torch.manual_seed(0)
     eager = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=47).eval()
     compiled = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=47).eval()
@@ -90,3 +93,22 @@ def test_compile_keeps_checkpoint_keys_outputs_and_gradients_and_tasks_share_gra
     cls_logits, gist_logits = other(images)
     (cls_logits.sum() + gist_logits.sum()).backward()
     assert counters["stats"]["unique_graphs"] == graphs > 0
+    # evaluation (autograd off) runs the eager pipeline: no inference graph, the eager model's logits
+    with torch.inference_mode():
+        assert torch.equal(compiled.eval().predict(images[:3]), eager.eval().predict(images[:3]))
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_model_is_freed_as_soon_as_its_job_drops_it():
+    """A sweep runs its jobs in one process: nothing compiled may keep a finished job's model alive."""
+    model = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=7)
+    module = GistModule(model, lr=1e-2, weight_decay=0.05, schedule=Schedule(4, 1, 0), compile=True)
+    cls_logits, gist_logits = model(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    (cls_logits.sum() + gist_logits.sum()).backward()
+    freed = weakref.ref(model)
+    gc.disable()  # no cyclic collection: only reference counting may free it
+    try:
+        del model, module, cls_logits, gist_logits
+        assert freed() is None
+    finally:
+        gc.enable()

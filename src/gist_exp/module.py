@@ -59,15 +59,13 @@ class GistModule(pl.LightningModule):
         self.eval_history: list[tuple[int, float]] = []  # (epoch, accuracy %) when evaluated during training
         self.test_acc: float | None = None
         self.eval_images_per_s: float | None = None  # after the first batch of the last evaluation
-        self.compiled = compile
         self.config_hash: str | None = None  # set by the entry point; a checkpoint of another config is refused
-        self._full_batch = 0
         self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
         self.train_images = 0
         if compile:
             # On a GPU the eager step is bound by the host issuing kernels (benchmarks/RESULTS.md), so
             # CUDA graphs replay the compiled part.
-            self.model.compile_tokens("reduce-overhead" if torch.cuda.is_available() else None)
+            self.model.compile_tokens("reduce-overhead" if torch.cuda.is_available() else "default")
 
     # ---- training -------------------------------------------------------------------------------
     def loss(self, cls_logits, gist_logits, labels):
@@ -127,14 +125,8 @@ class GistModule(pl.LightningModule):
 
     def _eval_step(self, batch):
         images, labels = batch
-        n = labels.shape[0]
-        if self.compiled and self._count and n < self._full_batch:
-            # pad the last, smaller batch: the compiled tokens would otherwise compile a graph for its shape
-            pad = images.new_zeros((self._full_batch - n, *images.shape[1:]))
-            images = torch.cat([images, pad])
-        self._full_batch = max(self._full_batch, n) if self._count else n
-        self._correct += (self.model.predict(images)[:n].argmax(-1) == labels).sum()
-        self._count += n
+        self._correct += (self.model.predict(images).argmax(-1) == labels).sum()
+        self._count += labels.shape[0]
         if self._after_first is None:  # one sync per evaluation, for the steady-state rate
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)

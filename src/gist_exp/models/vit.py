@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from timm.models.vision_transformer import VisionTransformer
@@ -48,6 +50,7 @@ class PeftViT(nn.Module):
         self.prompts = prompts
         self.gist_head = gist_head  # None: the Gist token shares the CLS head (official code)
         self.predict_from = predict
+        self.compile_mode: str | None = None  # set by compile_tokens
 
     @property
     def prompt_start(self) -> int:
@@ -72,19 +75,24 @@ class PeftViT(nn.Module):
             x = block(x)
         return vit.norm(x)
 
-    def compile_tokens(self, mode: str | None = None) -> None:
-        """torch.compile the token pipeline in place (parameter names, hence checkpoint keys, unchanged).
+    def compile_tokens(self, mode: str = "default") -> None:
+        """torch.compile the token pipeline for training (parameters, hence checkpoint keys, unchanged).
         The heads and the loss stay eager: their shapes depend on the task's class count, and leaving
         them out lets every task of a sweep reuse the same compiled graphs. Static shapes: an odd batch
-        size would compile another graph, so callers keep batches at one size."""
-        self.tokens = torch.compile(self.tokens, dynamic=False, mode=mode)
+        size would compile another graph, so the training loader keeps batches at one size.
+        Evaluation (autograd off) runs the eager pipeline: an inference graph takes longer to compile
+        than it saves on a VTAB test set (benchmarks/RESULTS.md)."""
+        self.compile_mode = mode
 
     def head(self, token: torch.Tensor, gist: bool = False) -> torch.Tensor:
         head = self.gist_head if gist and self.gist_head is not None else self.vit.head
         return head(self.vit.head_drop(self.vit.fc_norm(token)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        x = self.tokens(images)
+        if self.compile_mode is not None and torch.is_grad_enabled():
+            x = compiled_tokens(self.compile_mode)(self, images)
+        else:
+            x = self.tokens(images)
         cls_logits = self.head(x[:, 0])
         gist_logits = self.head(x[:, 1], gist=True) if self.gist is not None else None
         return cls_logits, gist_logits
@@ -96,3 +104,11 @@ class PeftViT(nn.Module):
         if self.predict_from == "mean":
             return (cls_logits + gist_logits) / 2
         return cls_logits
+
+
+@functools.cache
+def compiled_tokens(mode: str):
+    """One compiled `PeftViT.tokens` per mode for the whole process. It holds no model, so a finished
+    job's model is freed at once; a compiled bound method would keep it alive until the next cyclic
+    garbage collection (seen on an H200 as 0.3 GiB per finished ViT-B/16 model)."""
+    return torch.compile(PeftViT.tokens, dynamic=False, mode=mode)
