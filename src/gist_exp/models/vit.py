@@ -81,7 +81,7 @@ class PeftViT(nn.Module):
         them out lets every task of a sweep reuse the same compiled graphs. Static shapes: an odd batch
         size would compile another graph, so the training loader keeps batches at one size.
         Evaluation (autograd off) runs the eager pipeline: an inference graph takes longer to compile
-        than it saves on a VTAB test set (benchmarks/RESULTS.md)."""
+        than it saves on VTAB test sets (benchmarks/RESULTS.md)."""
         self.compile_mode = mode
 
     def head(self, token: torch.Tensor, gist: bool = False) -> torch.Tensor:
