@@ -185,7 +185,7 @@ class SyncDebug(pl.Callback):
         torch.cuda.set_sync_debug_mode(0)
 
 
-def check_sync(args, root: Path, out: Path) -> float:
+def check_sync(args, root: Path, out: Path, batch_size: int) -> float:
     """Train the fast path (eager) for 3 epochs with every host synchronisation inside a training step
     (forward, loss, backward, optimizer) turned into a warning; return the count per step."""
     short = argparse.Namespace(**{**vars(args), "epochs": 3, "compile": False})
@@ -195,7 +195,7 @@ def check_sync(args, root: Path, out: Path) -> float:
     torch.cuda.set_sync_debug_mode(0)
     # PyTorch's warning for each synchronising call (its one-off "prototype feature" notice is not one)
     syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
-    steps = record["train_images"] // 64
+    steps = record["train_images"] // batch_size
     print(f"sync check: {len(syncs)} host synchronisations inside {steps} training steps "
           f"({len(syncs) / steps:.2f} per step)")
     for w in syncs[:5]:
@@ -309,7 +309,8 @@ def main(argv=None) -> None:
     tflops = matmul_tflops(device)
     forward_flops, step_flops = flops_per_image(cfg_fast)
     out = Path("/tmp/gist_exp_bench_runs")
-    sync_per_step = check_sync(args, root, out) if args.check_sync and device.type == "cuda" else None
+    batch_size = cfg_fast.data.batch_size
+    sync_per_step = check_sync(args, root, out, batch_size) if args.check_sync and device.type == "cuda" else None
     results = {}
     for path in args.paths.split(","):
         results[path] = run_path(path, args, root, out, args.test)
@@ -321,7 +322,8 @@ def main(argv=None) -> None:
     fast, ref = results.get("fast"), results.get("reference")
     ratio = ref["task_s"] / fast["task_s"] if fast and ref else None
     mfu = fast["train_img_s"] * step_flops / (tflops * 1e12) if fast and tflops else None
-    projection = project_sweep(fast, results.get("fast-next"), args.test, args.epochs, args.train, 64) if fast else None
+    projection = project_sweep(fast, results.get("fast-next"), args.test, args.epochs, args.train,
+                               batch_size) if fast else None
     projection_check = check_projection(args, args.root, out, fast, projection["overhead_s"], args.check_projection,
                                         cfg_fast.backbone.image_size) if fast and args.check_projection else None
 
@@ -358,7 +360,7 @@ def main(argv=None) -> None:
                    forward_flops=forward_flops, step_flops=step_flops, results=results, ratio=ratio, mfu=mfu,
                    projection=projection)
     if args.json:
-        args.json.write_text(json.dumps(numbers, indent=1))
+        atomic_write_bytes(args.json, json.dumps(numbers, indent=1).encode())
     if not args.no_append:
         append_results(args.results, info, args, results, ratio, mfu, projection)
         print(f"appended a row to {args.results}")
