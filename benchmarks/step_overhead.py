@@ -1,6 +1,7 @@
 """Where one training step's time goes (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
+        [--adapter-form ...] [--conv-patch-embed] [--sdpa ...] [--autotune-gemm] [--next-models N]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -18,35 +19,27 @@ import statistics
 import time
 
 import torch
+import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
+from adapter_forms import FORMS
 from gist_exp.models import build_model, gist_loss
 from gist_exp.models.adapter import Adapter
 
 BACKBONE = dict(name="vit_base_patch16_224.augreg_in21k", weights="random")
 PEFT = dict(name="adapter", variant="shared_parallel", rank=8, alpha=8, targets=["qkv"])
 GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
-VARIANTS = {  # name: (what is compiled, torch.compile mode, adapter up-projection form)
-    "eager": (None, None, "linear"),
-    "compiled": ("tokens", "default", "linear"),
-    "reduce-overhead": ("tokens", "reduce-overhead", "linear"),  # what compile=true does
-    "reduce-overhead-unrolled-up": ("tokens", "reduce-overhead", "unrolled"),
-    "regional": ("blocks", "reduce-overhead", "linear"),  # one compiled graph that every block reuses
-    "whole-model": ("whole", "reduce-overhead", "linear"),  # model and loss compiled, as compile=true did before
+VARIANTS = {  # name: (what is compiled, torch.compile mode)
+    "eager": (None, None),
+    "compiled": ("tokens", "default"),
+    "reduce-overhead": ("tokens", "reduce-overhead"),  # what compile=true does
+    "regional": ("blocks", "reduce-overhead"),  # one compiled graph that every block reuses
+    "whole-model": ("whole", "reduce-overhead"),  # model and loss compiled, as compile=true did before
 }
 
 
-def unrolled_up(adapter, x):
-    """The adapter with its up-projection written as `bottleneck` broadcast multiply-adds: pointwise
-    ops that inductor can fuse into the residual sum, instead of a K=4 GEMM."""
-    hidden = adapter.act(adapter.down(x))
-    out = adapter.up.bias
-    for k in range(hidden.shape[-1]):
-        out = out + hidden[..., k:k + 1] * adapter.up.weight[:, k]
-    return out * adapter.scale
-
-
-def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False):
+def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False, conv: bool = False,
+         adapter_form: str = "linear"):
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):
@@ -57,11 +50,12 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
         for module in model.modules():
             if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
                 module.weight.data = module.weight.data.bfloat16()
-    unit, mode, up = VARIANTS[variant]
-    if up == "unrolled":
+    model.patchify = not conv
+    unit, mode = VARIANTS[variant]
+    if adapter_form != "linear":
         for module in model.modules():
             if isinstance(module, Adapter):
-                module.forward = functools.partial(unrolled_up, module)
+                module.forward = functools.partial(FORMS[adapter_form], module)
     loss_fn = gist_loss
     if unit == "tokens":
         model.compile_tokens(mode)
@@ -116,7 +110,7 @@ def measure(step, steps: int, images, labels) -> dict:
     return {"step_ms": ms, "host_ms": statistics.median(host) * 1e3, "img_s": len(labels) / ms * 1e3}
 
 
-def print_profile(step, images, labels, rows: int = 30) -> None:
+def print_profile(step, images, labels, rows: int = 50) -> None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             step(images, labels)
@@ -143,6 +137,14 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | lora | vpt")
     parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
+    parser.add_argument("--adapter-form", default="linear", choices=["linear", *FORMS],
+                        help="how the adapter is computed (benchmarks/adapter_forms.py); linear: the module itself")
+    parser.add_argument("--conv-patch-embed", action="store_true",
+                        help="embed patches with timm's convolution instead of the matmul over flattened patches")
+    parser.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
+                        help="the only attention backend scaled_dot_product_attention may use")
+    parser.add_argument("--autotune-gemm", action="store_true",
+                        help="inductor's max_autotune_gemm (Triton GEMM templates with fused epilogues)")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512 (eager, as evaluation runs)")
     parser.add_argument("--second-model", action="store_true",
@@ -152,11 +154,19 @@ def main() -> None:
                              "report each one's warmup, step time and GPU memory")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    print(f"peft={args.peft} frozen_bf16={args.frozen_bf16}")
+    if args.sdpa != "default":
+        for name, backend in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(name == args.sdpa)
+        torch.backends.cuda.enable_math_sdp(False)
+    if args.autotune_gemm:
+        torch._inductor.config.max_autotune_gemm = True
+    print(f"peft={args.peft} frozen_bf16={args.frozen_bf16} conv_patch_embed={args.conv_patch_embed} "
+          f"sdpa={args.sdpa} adapter_form={args.adapter_form} autotune_gemm={args.autotune_gemm}")
     print(f"{'variant':<28} {'step ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
           f"{'2nd model s':>11} {'eval img/s':>10}")
+    settings = dict(frozen_bf16=args.frozen_bf16, conv=args.conv_patch_embed, adapter_form=args.adapter_form)
     for variant in args.variants.split(","):
-        model, optimizer, loss_fn, build_s = make(variant, args.peft, frozen_bf16=args.frozen_bf16)
+        model, optimizer, loss_fn, build_s = make(variant, args.peft, **settings)
         images, labels = batch()
         step = step_fn(model, optimizer, loss_fn)
         warm_s = warmup(step, images, labels)
@@ -169,7 +179,7 @@ def main() -> None:
         if args.profile and VARIANTS[variant][1] != "reduce-overhead":  # CUDA graphs hide their kernels
             print_profile(step, images, labels)
         if args.second_model:
-            other, other_opt, other_loss, _ = make(variant, args.peft, num_classes=10, frozen_bf16=args.frozen_bf16)
+            other, other_opt, other_loss, _ = make(variant, args.peft, num_classes=10, **settings)
             second = warmup(step_fn(other, other_opt, other_loss), images, labels % 10)
             del other, other_opt
         print(f"{variant:<28} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['img_s']:>8,.0f} {build_s:>8.2f} "
@@ -177,15 +187,15 @@ def main() -> None:
         del model, optimizer, step
         torch.cuda.empty_cache()
         if args.next_models:
-            next_models(variant, args.peft, args.next_models, images, labels)
+            next_models(variant, args.peft, args.next_models, images, labels, settings)
 
 
-def next_models(variant: str, peft: str, count: int, images, labels) -> None:
+def next_models(variant: str, peft: str, count: int, images, labels, settings: dict) -> None:
     """Models of changing class counts trained one after another, the previous one dropped first."""
     print(f"  {'model':>5} {'classes':>7} {'warmup s':>8} {'step ms':>8} {'allocated GiB':>13} {'reserved GiB':>12}")
     for i in range(count):
         classes = (10, 100, 2, 397, 47)[i % 5]
-        model, optimizer, loss_fn, _ = make(variant, peft, num_classes=classes)
+        model, optimizer, loss_fn, _ = make(variant, peft, num_classes=classes, **settings)
         step = step_fn(model, optimizer, loss_fn)
         warm_s = warmup(step, images, labels % classes)
         r = measure(step, 20, images, labels % classes)

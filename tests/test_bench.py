@@ -2,9 +2,12 @@
 
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+from gist_exp.bench import compile_cache_state, inductor_counters, warm_note
 from helpers import REPO
 
 
@@ -29,3 +32,18 @@ def test_bench_smoke_times_both_paths_and_appends_a_row(tmp_path):
     assert projection["total_s"] == pytest.approx(
         sum(projection["per_task_s"].values()) + projection["first_overhead_s"] - projection["overhead_s"])
     assert "as the next task in the same process" in out
+
+
+def test_the_first_task_is_labelled_cold_or_warm_from_inductors_cache_counters():
+    size = 1000 + time.time_ns() % 50_000  # a shape no earlier run compiled: the first compile must miss
+
+    def compile_once():
+        torch._dynamo.reset()  # drop the in-memory graphs, as a new process starts without them
+        before = inductor_counters()
+        torch.compile(lambda x: x.sin() * 2 + 1, dynamic=False)(torch.randn(size))
+        return compile_cache_state(before, inductor_counters())
+
+    assert compile_once() == "cold"
+    assert compile_once() == "warm"
+    assert compile_cache_state(inductor_counters(), inductor_counters()) == "no compile"
+    assert warm_note({"compile_cache": "warm"}) == " (warm compile cache)" and warm_note({"compile_cache": "cold"}) == ""

@@ -146,6 +146,19 @@ def summarise(path: str, record: dict, test_size: int) -> dict:
     }
 
 
+def inductor_counters() -> dict[str, int]:
+    from torch._dynamo.utils import counters  # inductor counts its FX-graph cache hits and misses here
+    return dict(counters["inductor"])
+
+
+def compile_cache_state(before: dict[str, int], after: dict[str, int]) -> str:
+    """How a run found torch.compile's on-disk cache, from inductor's counters before and after it."""
+    hits, misses = (after.get(k, 0) - before.get(k, 0) for k in ("fxgraph_cache_hit", "fxgraph_cache_miss"))
+    if hits == misses == 0:
+        return "no compile"
+    return "cold" if hits == 0 else "warm" if misses == 0 else "partly warm"
+
+
 def build_cache(root: Path, task: str, image_size: int, workers: int) -> None:
     """Decode once, before timing: the targets are for runs once the cache exists."""
     for split in load_protocol(root, get_task(task), "final"):
@@ -165,8 +178,9 @@ def overhead_s(run: dict, test_size: int) -> float:
 def project_sweep(first: dict, later: dict | None, bench_test_size: int, epochs_per_task: int, train_size: int,
                   batch: int) -> dict:
     """19 tasks of one method, one after another in one process (the basic launcher), from the measured
-    rates and SPEC test sizes. The first task pays the compilation (`first`: a cold compile cache); the
-    others reuse its compiled graphs (`later`: a second task in the same process)."""
+    rates and SPEC test sizes. The first task pays the compilation (`first`, with the on-disk compile
+    cache as the bench found it); the others reuse its compiled graphs (`later`: a second task in the
+    same process)."""
     train_images = epochs_per_task * (train_size // batch) * batch  # training drops the last batch
     first_s = overhead_s(first, bench_test_size)
     later_s = overhead_s(later, bench_test_size) if later else first_s
@@ -234,6 +248,12 @@ def machine() -> dict:
             "timm": version("timm"), "lightning": version("pytorch-lightning")}
 
 
+def warm_note(run: dict | None) -> str:
+    """A row's first-task time is a cold compile unless this says otherwise."""
+    state = run.get("compile_cache", "cold") if run else "cold"
+    return "" if state in ("cold", "no compile") else f" ({state} compile cache)"
+
+
 def append_results(path: Path, info: dict, args, results: dict, ratio: float, mfu: float | None,
                    projection: dict | None) -> None:
     fast, ref, later = results.get("fast"), results.get("reference"), results.get("fast-next")
@@ -245,7 +265,7 @@ def append_results(path: Path, info: dict, args, results: dict, ratio: float, mf
     row = (f"| {info['date']} | {info['host']} ({info['cpus']} CPUs) | {info['gpu']} | torch {info['torch']}, "
            f"timm {info['timm']}, PL {info['lightning']} | {args.backbone} | {args.epochs} | "
            f"{args.train}/{args.test} | {num(fast and fast['train_img_s'])} | {num(fast and fast['test_img_s'])} | "
-           f"{num(fast and fast['task_s'], '{:.1f}')} | {num(later and later['task_s'], '{:.1f}')} | "
+           f"{num(fast and fast['task_s'], '{:.1f}')}{warm_note(fast)} | {num(later and later['task_s'], '{:.1f}')} | "
            f"{num(ref and ref['train_img_s'])} | "
            f"{num(ref and ref['test_img_s'])} | {num(ref and ref['task_s'], '{:.1f}')} | "
            f"{num(ratio, '{:.2f}x')} | {num(mfu, '{:.1%}')} | "
@@ -313,7 +333,9 @@ def main(argv=None) -> None:
     sync_per_step = check_sync(args, root, out, batch_size) if args.check_sync and device.type == "cuda" else None
     results = {}
     for path in args.paths.split(","):
+        before = inductor_counters()
         results[path] = run_path(path, args, root, out, args.test)
+        results[path]["compile_cache"] = compile_cache_state(before, inductor_counters())
         if path == "fast" and args.fast_runs > 1:  # the next task of a sweep: compiled graphs exist
             results["fast-next"] = run_path("fast", args, root, out, args.test)
             results["fast-next"]["path"] = "fast-next"
@@ -337,7 +359,8 @@ def main(argv=None) -> None:
         print(f"{r['path']:<10} {r['precision']:<11} {r['train_img_s']:>11,.0f} {r['first_epoch_s']:>10.2f} "
               f"{r['epoch_s']:>8.3f} {r['test_img_s']:>10,.0f} {r['task_s']:>7.1f} {r['test_acc']:>6.1f}")
     if "fast-next" in results:
-        print(f"fast path end to end: {fast['task_s']:.1f}s as the first task (compile caches cold), "
+        print(f"fast path end to end: {fast['task_s']:.1f}s as the first task (compile cache: "
+              f"{fast['compile_cache']}), "
               f"{results['fast-next']['task_s']:.1f}s as the next task in the same process")
     if cli:
         print(f"fast path as a new `python -m gist_exp.train` process (compile caches warm): {cli['process_s']:.1f}s "
@@ -353,7 +376,8 @@ def main(argv=None) -> None:
         print(f"MFU of the fast train step: {mfu:.1%} of the measured bf16 matmul rate")
     if projection:
         print(f"projected 19-task sweep of one method ({args.epochs} epochs, SPEC test sizes): "
-              f"{projection['total_s'] / 60:.1f} min (overhead: first task {projection['first_overhead_s']:.1f}s, "
+              f"{projection['total_s'] / 60:.1f} min (overhead: first task {projection['first_overhead_s']:.1f}s "
+              f"with the compile cache {fast['compile_cache']}, "
               f"each later task {projection['overhead_s']:.1f}s)")
     numbers = dict(cli=cli, sync_per_step=sync_per_step, projection_check=projection_check,
                    machine=info, args={k: str(v) for k, v in vars(args).items()}, cache_s=cache_s, tflops=tflops,

@@ -1,0 +1,65 @@
+"""The patch embedding as a matmul over flattened patches, against timm's convolution."""
+
+import pytest
+import torch
+from timm.layers import PatchEmbed
+
+from gist_exp.models.vit import embed_patches, is_patchify
+from tiny import tiny
+
+
+def pixels(n=4, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def test_the_matmul_gives_timms_convolution_output():
+    model = tiny(dict(name="linear")).eval()
+    patch_embed = model.vit.patch_embed
+    assert model.patchify and is_patchify(patch_embed)
+    x = pixels()
+    with torch.no_grad():
+        expected = patch_embed(x)
+        torch.testing.assert_close(embed_patches(patch_embed, x), expected, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs: both in bf16
+            torch.testing.assert_close(embed_patches(patch_embed, x).float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_tokens_do_not_depend_on_which_form_embeds_the_patches():
+    model = tiny(dict(name="adapter", variant="shared_parallel")).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        matmul = model.tokens(images)
+        model.patchify = False
+        torch.testing.assert_close(model.tokens(images), matmul, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("change, plain", [
+    (lambda pe: None, True),
+    (lambda pe: setattr(pe.proj, "stride", (4, 4)), False),  # overlapping patches
+    (lambda pe: setattr(pe.proj, "padding", (1, 1)), False),
+    (lambda pe: setattr(pe, "dynamic_img_pad", True), False),
+    (lambda pe: setattr(pe, "flatten", False), False),  # NCHW output
+])
+def test_only_non_overlapping_unpadded_patch_embeddings_become_a_matmul(change, plain):
+    patch_embed = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
+    change(patch_embed)
+    assert is_patchify(patch_embed) is plain
+
+
+def test_a_wrong_image_size_gets_timms_error():
+    model = tiny(dict(name="linear")).eval()
+    with pytest.raises(AssertionError, match=r"Input height \(40\) doesn't match model \(32\)"):
+        model.tokens(torch.zeros(2, 3, 40, 40, dtype=torch.uint8))
+
+
+def test_full_fine_tuning_trains_the_patch_weight_through_the_matmul_as_through_the_convolution():
+    model = tiny(dict(name="full")).eval()
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    grads = []
+    for patchify in (True, False):
+        model.zero_grad()
+        model.patchify = patchify
+        model(images)[0].square().sum().backward()
+        grads.append(model.vit.patch_embed.proj.weight.grad.clone())
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
