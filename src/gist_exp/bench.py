@@ -363,7 +363,8 @@ def main(argv=None) -> None:
               f"{fast['compile_cache']}), "
               f"{results['fast-next']['task_s']:.1f}s as the next task in the same process")
     if cli:
-        print(f"fast path as a new `python -m gist_exp.train` process (compile caches warm): {cli['process_s']:.1f}s "
+        cache = "compile caches warm from the runs above" if args.compile else "no compile"
+        print(f"fast path as a new `python -m gist_exp.train` process ({cache}): {cli['process_s']:.1f}s "
               f"(in the job: setup {cli['setup_s']:.1f}s, first epoch {cli['first_epoch_s']:.1f}s, "
               f"train {cli['train_img_s']:,.0f} img/s, test {cli['test_img_s']:,.0f} img/s, job {cli['task_s']:.1f}s)")
     if ratio:
