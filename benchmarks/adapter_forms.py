@@ -23,16 +23,6 @@ import functools
 import torch
 
 
-def unrolled_up(adapter, x):
-    """The adapter with its up-projection written as `bottleneck` broadcast multiply-adds: pointwise
-    ops that inductor can fuse into the residual sum, instead of a K=4 GEMM."""
-    hidden = adapter.act(adapter.down(x))
-    out = adapter.up.bias
-    for k in range(hidden.shape[-1]):
-        out = out + hidden[..., k:k + 1] * adapter.up.weight[:, k]
-    return out * adapter.scale
-
-
 def rowdots(x, weight):
     """x [..., C] @ weight[r, C].T as r row reductions (inductor can fuse them with a LayerNorm over x)."""
     return torch.stack([(x * w).sum(-1) for w in weight.unbind(0)], -1)
@@ -72,6 +62,12 @@ class FusableAdapterFn(torch.autograd.Function):
             d_w_up = torch.stack([(g2 * h2[:, j:j + 1]).sum(0) for j in range(h2.shape[1])], -1)
             d_w_down = torch.stack([(x2 * dz2[:, j:j + 1]).sum(0) for j in range(dz2.shape[1])], 0)
         return dx, d_w_down, dz2.sum(0), d_w_up, g2.sum(0), None, None
+
+
+def unrolled_up(adapter, x):
+    """The adapter with its up-projection as broadcast multiply-adds, differentiated by autograd."""
+    hidden = adapter.act(adapter.down(x))
+    return (multiply_adds(hidden, adapter.up.weight) + adapter.up.bias) * adapter.scale
 
 
 def matmul_dtype(x):

@@ -31,6 +31,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from hydra import compose as hydra_compose, initialize_config_dir
+from torch._dynamo.utils import counters
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import TASKS, fake, get_task
@@ -147,7 +148,7 @@ def summarise(path: str, record: dict, test_size: int) -> dict:
 
 
 def inductor_counters() -> dict[str, int]:
-    from torch._dynamo.utils import counters  # inductor counts its FX-graph cache hits and misses here
+    """Inductor's running counts, among them its FX-graph cache hits and misses."""
     return dict(counters["inductor"])
 
 
@@ -249,7 +250,8 @@ def machine() -> dict:
 
 
 def warm_note(run: dict | None) -> str:
-    """A row's first-task time is a cold compile unless this says otherwise."""
+    """The note after a row's first-task time when that task found a warm compile cache; none when
+    it compiled cold or did not compile."""
     state = run.get("compile_cache", "cold") if run else "cold"
     return "" if state in ("cold", "no compile") else f" ({state} compile cache)"
 

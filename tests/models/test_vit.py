@@ -24,13 +24,17 @@ def test_the_matmul_gives_timms_convolution_output():
             torch.testing.assert_close(embed_patches(patch_embed, x).float(), expected, rtol=0.02, atol=0.02)
 
 
-def test_tokens_do_not_depend_on_which_form_embeds_the_patches():
+def test_tokens_use_the_matmul_and_do_not_depend_on_which_form_embeds_the_patches():
     model = tiny(dict(name="adapter", variant="shared_parallel")).eval()
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    convolutions = []
+    model.vit.patch_embed.proj.register_forward_hook(lambda *args: convolutions.append(1))
     with torch.no_grad():
         matmul = model.tokens(images)
+        assert not convolutions  # the convolution module never ran
         model.patchify = False
         torch.testing.assert_close(model.tokens(images), matmul, rtol=1e-5, atol=1e-5)
+        assert len(convolutions) == 1
 
 
 @pytest.mark.parametrize("change, plain", [
