@@ -1,7 +1,8 @@
 """Where one training step's time goes (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
-        [--adapter-form ...] [--conv-patch-embed] [--sdpa ...] [--autotune-gemm] [--next-models N]
+        [--adapter-form ...] [--block-form ...] [--bf16-stream] [--conv-patch-embed] [--sdpa ...]
+        [--inductor NAME=VALUE ...] [--next-models N]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -14,6 +15,7 @@ built in the same process, as the next job of a sweep is.
 from __future__ import annotations
 
 import argparse
+import ast
 import functools
 import statistics
 import time
@@ -22,7 +24,8 @@ import torch
 import torch._inductor.config
 from torch.profiler import ProfilerActivity, profile
 
-from adapter_forms import FORMS
+import adapter_forms
+import block_forms
 from gist_exp.models import build_model, gist_loss
 from gist_exp.models.adapter import Adapter
 
@@ -39,7 +42,7 @@ VARIANTS = {  # name: (what is compiled, torch.compile mode)
 
 
 def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False, conv: bool = False,
-         adapter_form: str = "linear"):
+         adapter_form: str = "linear", block_form: str = "block", bf16_stream: bool = False):
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):
@@ -55,7 +58,11 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
     if adapter_form != "linear":
         for module in model.modules():
             if isinstance(module, Adapter):
-                module.forward = functools.partial(FORMS[adapter_form], module)
+                module.forward = functools.partial(adapter_forms.FORMS[adapter_form], module)
+    if block_form != "block":
+        block_forms.use_form(model, block_form)
+    if bf16_stream:  # the residual stream in bf16 from the first block on (timm's under autocast is fp32)
+        model.vit.blocks[0].register_forward_pre_hook(lambda module, args: (args[0].bfloat16(),))
     loss_fn = gist_loss
     if unit == "tokens":
         model.compile_tokens(mode)
@@ -137,14 +144,19 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | lora | vpt")
     parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
-    parser.add_argument("--adapter-form", default="linear", choices=["linear", *FORMS],
+    parser.add_argument("--adapter-form", default="linear", choices=["linear", *adapter_forms.FORMS],
                         help="how the adapter is computed (benchmarks/adapter_forms.py); linear: the module itself")
+    parser.add_argument("--block-form", default="block", choices=["block", *block_forms.FORMS],
+                        help="how each adapter block is computed (benchmarks/block_forms.py); block: the module")
+    parser.add_argument("--bf16-stream", action="store_true",
+                        help="cast the tokens to bf16 before the first block (changes AMP numerics; measuring only)")
     parser.add_argument("--conv-patch-embed", action="store_true",
                         help="embed patches with timm's convolution instead of the matmul over flattened patches")
     parser.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
                         help="the only attention backend scaled_dot_product_attention may use")
-    parser.add_argument("--autotune-gemm", action="store_true",
-                        help="inductor's max_autotune_gemm (Triton GEMM templates with fused epilogues)")
+    parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
+                        help="set torch._inductor.config.NAME before compiling, e.g. max_autotune_gemm=True "
+                             "or coordinate_descent_tuning=True (repeatable)")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512 (eager, as evaluation runs)")
     parser.add_argument("--second-model", action="store_true",
@@ -158,13 +170,20 @@ def main() -> None:
         for name, backend in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(name == args.sdpa)
         torch.backends.cuda.enable_math_sdp(False)
-    if args.autotune_gemm:
-        torch._inductor.config.max_autotune_gemm = True
+    for setting in args.inductor:
+        name, _, value = setting.partition("=")
+        *groups, option = name.split(".")  # e.g. triton.cudagraph_trees
+        config = functools.reduce(lambda obj, group: getattr(obj, group, None), groups, torch._inductor.config)
+        if config is None or not hasattr(config, option):
+            parser.error(f"--inductor {setting}: torch._inductor.config has no option {name!r}")
+        setattr(config, option, ast.literal_eval(value))
     print(f"peft={args.peft} frozen_bf16={args.frozen_bf16} conv_patch_embed={args.conv_patch_embed} "
-          f"sdpa={args.sdpa} adapter_form={args.adapter_form} autotune_gemm={args.autotune_gemm}")
+          f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
+          f"block_form={args.block_form} bf16_stream={args.bf16_stream} inductor={args.inductor}")
     print(f"{'variant':<28} {'step ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
           f"{'2nd model s':>11} {'eval img/s':>10}")
-    settings = dict(frozen_bf16=args.frozen_bf16, conv=args.conv_patch_embed, adapter_form=args.adapter_form)
+    settings = dict(frozen_bf16=args.frozen_bf16, conv=args.conv_patch_embed, adapter_form=args.adapter_form,
+                    block_form=args.block_form, bf16_stream=args.bf16_stream)
     for variant in args.variants.split(","):
         model, optimizer, loss_fn, build_s = make(variant, args.peft, **settings)
         images, labels = batch()
