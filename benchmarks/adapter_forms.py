@@ -141,6 +141,29 @@ FORMS = {"unrolled": unrolled_up, "up-pointwise": up_pointwise, "pointwise": bot
          "fusable-mm": functools.partial(fusable_fn, "mm"), "fusable-red": functools.partial(fusable_fn, "red")}
 
 
+def outputs_and_grads(forward, x, grad, params) -> list[torch.Tensor]:
+    """forward(x), then the gradients of x and params for the output gradient `grad`."""
+    x.grad = None
+    for p in params:
+        p.grad = None
+    out = forward(x)
+    out.backward(grad)
+    return [out.detach(), x.grad] + [p.grad for p in params]
+
+
+def compare_forms(reference, forms: dict, x, grad, params) -> None:
+    """Print each form's largest difference from `reference` in outputs and gradients; exit when one
+    differs by more than float64 rounding."""
+    expected = outputs_and_grads(reference, x, grad, params)
+    worst = 0.0
+    for name, forward in forms.items():
+        error = max((e - o).abs().max().item() for e, o in zip(expected, outputs_and_grads(forward, x, grad, params)))
+        worst = max(worst, error)
+        print(f"{name:<14} max |difference| {error:.2e}")
+    if worst > 1e-10:
+        raise SystemExit(f"a form differs from the plain module by {worst:.2e}")
+
+
 def check() -> None:
     """Outputs and gradients of every form against the plain module, in float64 on the CPU."""
     from torch import nn
@@ -151,23 +174,8 @@ def check() -> None:
     adapter = Adapter(768, 4, 0.1, nn.GELU, "trunc_normal").double()
     x = torch.randn(2, 198, 768, dtype=torch.double, requires_grad=True)
     grad = torch.randn(2, 198, 768, dtype=torch.double)
-
-    def outputs(forward):
-        x.grad = None
-        for p in adapter.parameters():
-            p.grad = None
-        out = forward(x)
-        out.backward(grad)
-        return [out.detach(), x.grad] + [p.grad for p in adapter.parameters()]
-
-    expected = outputs(adapter)
-    worst = 0.0
-    for name, form in FORMS.items():
-        error = max((a - b).abs().max().item() for a, b in zip(expected, outputs(functools.partial(form, adapter))))
-        worst = max(worst, error)
-        print(f"{name:<14} max |difference| {error:.2e}")
-    if worst > 1e-10:
-        raise SystemExit(f"a form differs from the module by {worst:.2e}")
+    forms = {name: functools.partial(form, adapter) for name, form in FORMS.items()}
+    compare_forms(adapter, forms, x, grad, list(adapter.parameters()))
 
 
 if __name__ == "__main__":
