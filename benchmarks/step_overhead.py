@@ -59,7 +59,10 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
         for module in model.modules():
             if isinstance(module, Adapter):
                 module.forward = functools.partial(adapter_forms.FORMS[adapter_form], module)
-    if block_form != "block":
+    if block_form == "junctions":
+        import fused_junctions  # Triton: imported only when asked for
+        fused_junctions.use_junctions(model)
+    elif block_form != "block":
         block_forms.use_form(model, block_form)
     if bf16_stream:  # the residual stream in bf16 from the first block on (timm's under autocast is fp32)
         model.vit.blocks[0].register_forward_pre_hook(lambda module, args: (args[0].bfloat16(),))
@@ -146,8 +149,9 @@ def main() -> None:
     parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
     parser.add_argument("--adapter-form", default="linear", choices=["linear", *adapter_forms.FORMS],
                         help="how the adapter is computed (benchmarks/adapter_forms.py); linear: the module itself")
-    parser.add_argument("--block-form", default="block", choices=["block", *block_forms.FORMS],
-                        help="how each adapter block is computed (benchmarks/block_forms.py); block: the module")
+    parser.add_argument("--block-form", default="block", choices=["block", "junctions", *block_forms.FORMS],
+                        help="how each adapter block is computed (benchmarks/block_forms.py; junctions: "
+                             "benchmarks/fused_junctions.py, Triton); block: the module")
     parser.add_argument("--bf16-stream", action="store_true",
                         help="cast the tokens to bf16 before the first block (changes AMP numerics; measuring only)")
     parser.add_argument("--conv-patch-embed", action="store_true",
