@@ -19,7 +19,7 @@ prototype: exact GELU, LayerScale off, frozen LayerNorms.
 On the H200 it saved nothing (benchmarks/RESULTS.md, sixth session): 18.04 and 17.95 ms per step
 against 17.98 ms for the plain blocks. The traffic argument holds (a junction moves 117 MB forward and
 156 MB backward, about 30 and 42 us at the 3.7 TB/s of a plain copy), but these kernels run far below
-it: forward 54 us, backward 146-167 us, of which the weight-gradient sums are only 17-44 us.
+it: forward 54 us, backward 146-167 us, of which the weight-gradient sums are only 16-48 us.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python benchmarks/fused_junctions.py   # checks it on the CPU
     PYTHONPATH=src python benchmarks/fused_junctions.py cuda    # on a GPU: eager and compiled, autocast error
@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from adapter_forms import outputs_and_grads
 
 ROWS = 4  # token rows per loop step of a program
 WARPS = 4
@@ -363,17 +365,11 @@ def check(device: str = "cpu", compiled: bool = False) -> float:
     x = torch.randn(3, 17, 48, device=device, requires_grad=True)  # 51 rows: no tile is full
     grad = torch.randn(3, 17, 48, device=device)
 
-    def run(forward):
-        x.grad = None
-        for p in trainable:
-            p.grad = None
-        torch.manual_seed(1)
-        out = forward(x)
-        out.backward(grad)
-        return [out.detach(), x.grad] + [p.grad for p in trainable]
+    def same_masks(forward):
+        return lambda h: (torch.manual_seed(1), forward(h))[1]
 
-    expected = run(lambda h: torch.nn.Sequential(*vit.blocks)(h))
-    got = run(stack)
+    expected = outputs_and_grads(same_masks(torch.nn.Sequential(*vit.blocks)), x, grad, trainable)
+    got = outputs_and_grads(same_masks(stack), x, grad, trainable)
     worst = max(((e - g).abs().max() / e.abs().max()).item() for e, g in zip(expected, got))
     print(f"junctions: largest difference relative to the largest value {worst:.2e}")
     return worst
@@ -395,19 +391,17 @@ def autocast_errors(device: str = "cuda") -> None:
     stack = JunctionStack(vit.blocks)
     x = torch.randn(8, 198, 768, device=device, requires_grad=True)
     grad = torch.randn(8, 198, 768, device=device)
+    plain = torch.nn.Sequential(*vit.blocks)
 
-    def run(forward, autocast):
-        x.grad = None
-        for p in trainable:
-            p.grad = None
-        with torch.autocast(device, torch.bfloat16, enabled=autocast):
-            out = forward(x)
-        out.float().backward(grad)
-        return [out.detach().float(), x.grad] + [p.grad for p in trainable]
+    def autocast(forward):
+        def run(h):
+            with torch.autocast(device, torch.bfloat16):
+                return forward(h).float()
+        return run
 
-    exact = run(lambda h: torch.nn.Sequential(*vit.blocks)(h), False)
-    for name, forward in (("plain blocks", lambda h: torch.nn.Sequential(*vit.blocks)(h)), ("junctions", stack)):
-        got = run(forward, True)
+    exact = outputs_and_grads(plain, x, grad, trainable)
+    for name, forward in (("plain blocks", plain), ("junctions", stack)):
+        got = outputs_and_grads(autocast(forward), x, grad, trainable)
         out_err = ((got[0] - exact[0]).norm() / exact[0].norm()).item()
         grad_err = max(((g - e).norm() / e.norm()).item() for g, e in zip(got[1:], exact[1:]))
         print(f"bf16 autocast, {name:<12}: output rel. error {out_err:.2e}, worst gradient rel. error {grad_err:.2e}")
@@ -462,6 +456,7 @@ def kernel_times(rows: int = 64 * 198, dim: int = 768, rank: int = 4) -> None:
     ln = torch.nn.functional.layer_norm
     print(f"for scale: torch LayerNorm fp32 -> bf16 out {timed(lambda: ln(y, (dim,), ln_w, ln_b).bfloat16()):.1f} us, "
           f"a copy of one fp32 activation {timed(lambda: y.clone()):.1f} us", flush=True)
+
 
 if __name__ == "__main__":
     import sys
