@@ -1,15 +1,17 @@
 """Where one training step's time goes (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
-        [--adapter-form ...] [--block-form ...] [--bf16-stream] [--conv-patch-embed] [--sdpa ...]
+        [--adapter-form ...] [--block-form ...] [--no-kernels] [--bf16-stream] [--conv-patch-embed] [--sdpa ...]
         [--inductor NAME=VALUE ...] [--next-models N]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
 measured with CUDA events and the host time spent issuing it: a host time close to the step time
-means the step is bound by Python / launch overhead, not by the GPU. "warmup s" is the first 10
-steps, compilation included; "2nd model s" is the same for a second model with another class count
-built in the same process, as the next job of a sweep is.
+means the step is bound by Python / launch overhead, not by the GPU. "piped ms" is the mean step of
+as many steps run back to back, without a sync in between, as training runs them (the synced "step ms"
+adds the launch latency). "warmup s" is the first 10 steps, compilation included; "2nd model s" is
+the same for a second model with another class count built in the same process, as the next job of a
+sweep is.
 """
 
 from __future__ import annotations
@@ -42,11 +44,11 @@ VARIANTS = {  # name: (what is compiled, torch.compile mode)
 
 
 def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False, conv: bool = False,
-         adapter_form: str = "linear", block_form: str = "block", bf16_stream: bool = False):
+         adapter_form: str = "linear", block_form: str = "block", bf16_stream: bool = False, kernels: bool = True):
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):
-        model = build_model(BACKBONE, {**PEFT, "name": peft}, GIST, num_classes)
+        model = build_model(BACKBONE, {**PEFT, "name": peft, "kernels": kernels}, GIST, num_classes)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
     if frozen_bf16:  # frozen matmul weights stored in bf16: autocast casts them anyway
@@ -116,8 +118,15 @@ def measure(step, steps: int, images, labels) -> dict:
         host.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
         gpu.append(begin.elapsed_time(end) / 1e3)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(steps):  # back to back, as training runs: the host queues ahead of the GPU
+        step(images, labels)
+    end.record()
+    torch.cuda.synchronize()
     ms = statistics.median(gpu) * 1e3
-    return {"step_ms": ms, "host_ms": statistics.median(host) * 1e3, "img_s": len(labels) / ms * 1e3}
+    return {"step_ms": ms, "host_ms": statistics.median(host) * 1e3, "img_s": len(labels) / ms * 1e3,
+            "piped_ms": begin.elapsed_time(end) / steps}
 
 
 def print_profile(step, images, labels, rows: int = 50) -> None:
@@ -149,6 +158,8 @@ def main() -> None:
     parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
     parser.add_argument("--adapter-form", default="linear", choices=["linear", *adapter_forms.FORMS],
                         help="how the adapter is computed (benchmarks/adapter_forms.py); linear: the module itself")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="the adapter's projections by nn.Linear (cuBLAS), not its Triton kernels (peft.kernels)")
     parser.add_argument("--block-form", default="block", choices=["block", "junctions", *block_forms.FORMS],
                         help="how each adapter block is computed (benchmarks/block_forms.py; junctions: "
                              "benchmarks/fused_junctions.py, Triton); block: the module")
@@ -183,11 +194,12 @@ def main() -> None:
         setattr(config, option, ast.literal_eval(value))
     print(f"peft={args.peft} frozen_bf16={args.frozen_bf16} conv_patch_embed={args.conv_patch_embed} "
           f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
-          f"block_form={args.block_form} bf16_stream={args.bf16_stream} inductor={args.inductor}")
-    print(f"{'variant':<28} {'step ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
+          f"block_form={args.block_form} bf16_stream={args.bf16_stream} kernels={not args.no_kernels} "
+          f"inductor={args.inductor}")
+    print(f"{'variant':<28} {'step ms':>8} {'piped ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
           f"{'2nd model s':>11} {'eval img/s':>10}")
     settings = dict(frozen_bf16=args.frozen_bf16, conv=args.conv_patch_embed, adapter_form=args.adapter_form,
-                    block_form=args.block_form, bf16_stream=args.bf16_stream)
+                    block_form=args.block_form, bf16_stream=args.bf16_stream, kernels=not args.no_kernels)
     for variant in args.variants.split(","):
         model, optimizer, loss_fn, build_s = make(variant, args.peft, **settings)
         images, labels = batch()
@@ -205,7 +217,7 @@ def main() -> None:
             other, other_opt, other_loss, _ = make(variant, args.peft, num_classes=10, **settings)
             second = warmup(step_fn(other, other_opt, other_loss), images, labels % 10)
             del other, other_opt
-        print(f"{variant:<28} {r['step_ms']:>8.2f} {r['host_ms']:>8.2f} {r['img_s']:>8,.0f} {build_s:>8.2f} "
+        print(f"{variant:<28} {r['step_ms']:>8.2f} {r['piped_ms']:>8.2f} {r['host_ms']:>8.2f} {r['img_s']:>8,.0f} {build_s:>8.2f} "
               f"{warm_s:>9.1f} {second:>11.1f} {eval_img_s:>10,.0f}", flush=True)
         del model, optimizer, step
         torch.cuda.empty_cache()

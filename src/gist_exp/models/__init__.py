@@ -35,7 +35,7 @@ def build_model(backbone: dict, peft: dict, gist: dict, num_classes: int, drop_p
     if method == "adapter":
         if peft["variant"] not in VARIANTS:
             raise ConfigError(f"peft.variant={peft['variant']!r} is not one of {sorted(VARIANTS)}")
-        add_adapters(vit, peft["variant"], peft.get("bottleneck"), peft.get("scale"))
+        add_adapters(vit, peft["variant"], peft.get("bottleneck"), peft.get("scale"), peft.get("kernels", True))
     elif method == "lora":
         add_lora(vit, peft["rank"], peft["alpha"], tuple(peft["targets"]))
     elif method == "vpt":

@@ -7,9 +7,15 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block, VisionTransformer
+
+try:  # Triton comes with torch's CUDA builds; without it the adapter runs nn.Linear everywhere
+    from .skinny import SMALL, skinny_linear
+except ImportError:
+    skinny_linear = None
 
 
 class QuickGELU(nn.Module):
@@ -25,14 +31,19 @@ VARIANTS = {
 
 
 class Adapter(nn.Module):
-    """a(x) = up(act(down(x))) * scale."""
+    """a(x) = up(act(down(x))) * scale.
 
-    def __init__(self, dim: int, bottleneck: int, scale: float, activation: type[nn.Module], init: str):
+    With `kernels`, on a GPU in 16-bit autocast, the two projections run as the Triton kernels of
+    `skinny` instead of cuBLAS: the same operations in the same dtypes, faster (benchmarks/RESULTS.md)."""
+
+    def __init__(self, dim: int, bottleneck: int, scale: float, activation: type[nn.Module], init: str,
+                 kernels: bool = True):
         super().__init__()
         self.down = nn.Linear(dim, bottleneck)
         self.act = activation()
         self.up = nn.Linear(bottleneck, dim)
         self.scale = scale
+        self.kernels = kernels and skinny_linear is not None and bottleneck <= SMALL
         for layer in (self.down, self.up):
             if init == "trunc_normal":  # what the GIST official adapter ends up with (timm's init)
                 trunc_normal_(layer.weight, std=0.02)
@@ -42,7 +53,14 @@ class Adapter(nn.Module):
                 nn.init.normal_(layer.bias, std=1e-6)
 
     def forward(self, x):
+        if self.kernels and x.is_cuda and torch.is_autocast_enabled(x.device.type):
+            return self.forward_kernels(x, torch.get_autocast_dtype(x.device.type))
         return self.up(self.act(self.down(x))) * self.scale
+
+    def forward_kernels(self, x, dtype: torch.dtype):
+        """What autocast runs for `forward` (operands and outputs in `dtype`, fp32 accumulation)."""
+        h = skinny_linear(x.to(dtype), self.down.weight.to(dtype), self.down.bias.to(dtype))
+        return skinny_linear(self.act(h), self.up.weight.to(dtype), self.up.bias.to(dtype)) * self.scale
 
 
 class ParallelAdapterBlock(nn.Module):
@@ -74,9 +92,9 @@ class AdapterAfter(nn.Module):
 
 
 def add_adapters(vit: VisionTransformer, variant: str = "shared_parallel", bottleneck: int | None = None,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, kernels: bool = True) -> None:
     """Inject adapters into every block, in place. `None` takes the variant's published value."""
-    spec = dict(VARIANTS[variant])
+    spec = dict(VARIANTS[variant], kernels=kernels)
     spec["bottleneck"] = bottleneck or spec["bottleneck"]
     spec["scale"] = spec["scale"] if scale is None else scale
     for i, block in enumerate(vit.blocks):

@@ -1,0 +1,151 @@
+"""Where a training epoch's wall time goes in the real fast path (a GPU development tool).
+
+    PYTHONPATH=src python benchmarks/epoch_timeline.py [--epochs 30] [--window 10:20] [--trace FILE]
+
+Runs the bench's fast path (`gist_exp.train.run` on its synthetic dtd-sized task: ViT-B/16, adapter + GIST,
+bf16-mixed, compile=true) and records CUDA events and host times at every batch and epoch hook of the
+epochs in `--window`. The GPU is idle when an epoch starts (the previous one ended with its one host
+sync), so an event recorded there runs at once and ties the GPU clock to the host clock. From that:
+- "GPU step": GPU time between consecutive batch starts: the step's device time when the GPU never waits;
+- "host step": host time between consecutive batch starts;
+- "lead": how far the GPU trails the host at a batch start (0 means the GPU waited for the host);
+- the epoch's wall time split into the wait before the first step's work, the steps and the end.
+With `--trace`, one epoch (the window's first) is also profiled and its GPU busy time and largest idle
+gaps are printed from the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gist_exp import bench
+from gist_exp.data import fake
+
+
+class Timeline(pl.Callback):
+    def __init__(self, first: int, last: int, trace: Path | None):
+        self.first, self.last, self.trace = first, last, trace
+        self.marks: dict[int, list[tuple[str, float, torch.cuda.Event]]] = {}
+        self.profiler = None
+
+    def _mark(self, trainer, name: str) -> None:
+        epoch = trainer.current_epoch
+        if self.first <= epoch < self.last:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.setdefault(epoch, []).append((name, time.perf_counter(), event))
+
+    def on_train_epoch_start(self, trainer, module):
+        if self.trace and trainer.current_epoch == self.first:
+            self.profiler = profile(activities=[ProfilerActivity.CUDA])  # no CPU events: the host stays as fast
+            self.profiler.__enter__()
+        self._mark(trainer, "epoch_start")
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._mark(trainer, "batch_start")
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        self._mark(trainer, "batch_end")
+
+    def on_train_epoch_end(self, trainer, module):
+        self._mark(trainer, "epoch_end")
+        if self.profiler is not None and trainer.current_epoch == self.first:
+            torch.cuda.synchronize()
+            self.profiler.__exit__(None, None, None)
+            self.profiler.export_chrome_trace(str(self.trace))
+            self.profiler = None
+
+
+def summarise(marks: dict[int, list], epoch_s: list[float]) -> None:
+    torch.cuda.synchronize()
+    print(f"{'epoch':>5} {'epoch s':>8} {'GPU step ms':>11} {'host step ms':>12} {'min lead ms':>11} "
+          f"{'to 1st step ms':>14} {'steps ms':>9} {'after ms':>9}")
+    gpu_steps, host_steps = [], []
+    for epoch, rows in sorted(marks.items()):
+        start_host, start_event = rows[0][1], rows[0][2]
+        starts = [(h, e) for name, h, e in rows if name == "batch_start"]
+        end_host, end_event = rows[-1][1], rows[-1][2]
+        gpu = [a[1].elapsed_time(b[1]) for a, b in zip(starts, starts[1:])]
+        host = [(b[0] - a[0]) * 1e3 for a, b in zip(starts, starts[1:])]
+        leads = [start_event.elapsed_time(e) - (h - start_host) * 1e3 for h, e in starts[1:]]
+        gpu_steps += gpu
+        host_steps += host
+        first = start_event.elapsed_time(starts[0][1])
+        steps = starts[0][1].elapsed_time(end_event)
+        after = epoch_s[epoch] * 1e3 - start_event.elapsed_time(end_event)
+        print(f"{epoch:>5} {epoch_s[epoch]:>8.4f} {statistics.median(gpu):>11.2f} {statistics.median(host):>12.2f} "
+              f"{min(leads):>11.2f} {first:>14.2f} {steps:>9.1f} {after:>9.2f}")
+    print(f"median over the window: GPU step {statistics.median(gpu_steps):.2f} ms, host step "
+          f"{statistics.median(host_steps):.2f} ms")
+
+
+def trace_gaps(path: Path, steps: int, top: int = 25) -> None:
+    """GPU busy time and idle gaps of the profiled epoch, and per kernel name: calls, time and the idle
+    time just before it, per step; "graph" tells kernels replayed from a CUDA graph from eager ones."""
+    events = json.loads(path.read_text())["traceEvents"]
+    device = sorted((e["ts"], e["ts"] + e["dur"], e["name"], any("graph" in k.lower() for k in e.get("args", {})))
+                    for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    if not device:
+        print(f"{path}: no GPU activity in the trace")
+        return
+    print("args of a kernel event:", next(e.get("args") for e in events if e.get("cat") == "kernel"))
+    busy, idle, end = 0.0, 0.0, device[0][0]
+    names: dict[tuple[str, bool], list[float]] = {}
+    for begin, finish, name, graph in device:
+        gap = max(0.0, begin - end)
+        idle += gap
+        busy += max(0.0, finish - max(begin, end))
+        end = max(end, finish)
+        row = names.setdefault((name[:70], graph), [0, 0.0, 0.0])
+        row[0] += 1
+        row[1] += finish - begin
+        row[2] += gap
+    span = end - device[0][0]
+    print(f"trace: {len(device)} GPU activities over {span / 1e3:.1f} ms ({steps} steps), busy {busy / 1e3:.1f} ms "
+          f"({busy / span:.1%}), idle {idle / 1e3:.2f} ms")
+    for graph in (True, False):
+        rows = [r for (n, g), r in names.items() if g == graph]
+        print(f"{'graph' if graph else 'eager'} kernels per step: {sum(r[0] for r in rows) / steps:.0f} calls, "
+              f"{sum(r[1] for r in rows) / steps / 1e3:.2f} ms, idle before them {sum(r[2] for r in rows) / steps / 1e3:.2f} ms")
+    print(f"{'calls/step':>10} {'us/step':>9} {'idle before us/step':>19} graph name")
+    for (name, graph), (calls, total, gap) in sorted(names.items(), key=lambda kv: -kv[1][1] - kv[1][2])[:top]:
+        print(f"{calls / steps:>10.1f} {total / steps:>9.1f} {gap / steps:>19.1f} {'G' if graph else 'E':>5} {name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--window", default="10:20", help="FIRST:LAST epochs to record (LAST excluded)")
+    parser.add_argument("--trace", type=Path, default=None, help="profile the window's first epoch to this file")
+    parser.add_argument("--root", type=Path, default=Path("/tmp/gist_exp_bench"))
+    parser.add_argument("override", nargs="*", help="extra Hydra overrides")
+    args = parser.parse_args()
+    first, last = (int(v) for v in args.window.split(":"))
+    run_args = argparse.Namespace(backbone="vit_b16_augreg_in21k", epochs=args.epochs, compile=True, workers=15,
+                                  override=args.override)
+    root = args.root / "1000-1880-500x375"
+    if not (root / bench.BENCH_TASK / "test.txt").is_file():
+        fake.make_task(root, bench.BENCH_TASK, 1000, 1880, (500, 375), workers=15)
+    bench.build_cache(root, bench.BENCH_TASK, 224, 15)
+    timeline = Timeline(first, last, args.trace)
+    config = bench.compose(bench.overrides_for("fast", run_args, root, bench.BENCH_TASK))
+    record = bench.run(config, Path("/tmp/gist_exp_timeline") / time.strftime("%H%M%S"), callbacks=[timeline])
+    if record["status"] != "completed":
+        raise SystemExit(f"run failed: {record.get('error')}")
+    result = bench.summarise("fast", record, 1880)
+    print(f"bench numbers: train {result['train_img_s']:,.0f} img/s, median epoch {result['epoch_s']:.4f} s")
+    summarise(timeline.marks, record["epoch_s"])
+    if args.trace:
+        trace_gaps(args.trace, record["train_images"] // len(record["epoch_s"]) // 64)
+
+
+if __name__ == "__main__":
+    main()
