@@ -89,35 +89,30 @@ def summarise(marks: dict[int, list], epoch_s: list[float]) -> None:
 
 def trace_gaps(path: Path, steps: int, top: int = 25) -> None:
     """GPU busy time and idle gaps of the profiled epoch, and per kernel name: calls, time and the idle
-    time just before it, per step; "graph" tells kernels replayed from a CUDA graph from eager ones."""
+    time just before it, per step."""
     events = json.loads(path.read_text())["traceEvents"]
-    device = sorted((e["ts"], e["ts"] + e["dur"], e["name"], any("graph" in k.lower() for k in e.get("args", {})))
-                    for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
+    device = sorted((e["ts"], e["ts"] + e["dur"], e["name"]) for e in events
+                    if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in e)
     if not device:
         print(f"{path}: no GPU activity in the trace")
         return
-    print("args of a kernel event:", next(e.get("args") for e in events if e.get("cat") == "kernel"))
     busy, idle, end = 0.0, 0.0, device[0][0]
-    names: dict[tuple[str, bool], list[float]] = {}
-    for begin, finish, name, graph in device:
+    names: dict[str, list[float]] = {}
+    for begin, finish, name in device:
         gap = max(0.0, begin - end)
         idle += gap
         busy += max(0.0, finish - max(begin, end))
         end = max(end, finish)
-        row = names.setdefault((name[:70], graph), [0, 0.0, 0.0])
+        row = names.setdefault(name[:70], [0, 0.0, 0.0])
         row[0] += 1
         row[1] += finish - begin
         row[2] += gap
     span = end - device[0][0]
     print(f"trace: {len(device)} GPU activities over {span / 1e3:.1f} ms ({steps} steps), busy {busy / 1e3:.1f} ms "
           f"({busy / span:.1%}), idle {idle / 1e3:.2f} ms")
-    for graph in (True, False):
-        rows = [r for (n, g), r in names.items() if g == graph]
-        print(f"{'graph' if graph else 'eager'} kernels per step: {sum(r[0] for r in rows) / steps:.0f} calls, "
-              f"{sum(r[1] for r in rows) / steps / 1e3:.2f} ms, idle before them {sum(r[2] for r in rows) / steps / 1e3:.2f} ms")
-    print(f"{'calls/step':>10} {'us/step':>9} {'idle before us/step':>19} graph name")
-    for (name, graph), (calls, total, gap) in sorted(names.items(), key=lambda kv: -kv[1][1] - kv[1][2])[:top]:
-        print(f"{calls / steps:>10.1f} {total / steps:>9.1f} {gap / steps:>19.1f} {'G' if graph else 'E':>5} {name}")
+    print(f"{'calls/step':>10} {'us/step':>9} {'idle before us/step':>19} name")
+    for name, (calls, total, gap) in sorted(names.items(), key=lambda kv: -kv[1][1] - kv[1][2])[:top]:
+        print(f"{calls / steps:>10.1f} {total / steps:>9.1f} {gap / steps:>19.1f} {name}")
 
 
 def main() -> None:
