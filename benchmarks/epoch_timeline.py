@@ -10,14 +10,15 @@ sync), so an event recorded there runs at once and ties the GPU clock to the hos
 - "host step": host time between consecutive batch starts;
 - "lead": how far the GPU trails the host at a batch start (0 means the GPU waited for the host);
 - the epoch's wall time split into the wait before the first step's work, the steps and the end.
-With `--trace`, one epoch (the window's first) is also profiled and its GPU busy time and largest idle
-gaps are printed from the trace.
+With `--trace`, one epoch (the window's first) is also profiled (CUDA activity only), and its GPU busy
+and idle time and, per kernel name, the calls, time and idle time before them are printed per step.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gist_exp import bench
-from gist_exp.data import fake
+
+TRAIN, TEST, SIZE = 1000, 1880, (500, 375)  # the bench's defaults: dtd-sized, JPEGs of 500x375
 
 
 class Timeline(pl.Callback):
@@ -124,22 +126,22 @@ def main() -> None:
     parser.add_argument("override", nargs="*", help="extra Hydra overrides")
     args = parser.parse_args()
     first, last = (int(v) for v in args.window.split(":"))
-    run_args = argparse.Namespace(backbone="vit_b16_augreg_in21k", epochs=args.epochs, compile=True, workers=15,
+    workers = max(1, (os.cpu_count() or 2) - 1)
+    run_args = argparse.Namespace(backbone="vit_b16_augreg_in21k", epochs=args.epochs, compile=True, workers=workers,
                                   override=args.override)
-    root = args.root / "1000-1880-500x375"
-    if not (root / bench.BENCH_TASK / "test.txt").is_file():
-        fake.make_task(root, bench.BENCH_TASK, 1000, 1880, (500, 375), workers=15)
-    bench.build_cache(root, bench.BENCH_TASK, 224, 15)
-    timeline = Timeline(first, last, args.trace)
+    root = bench.bench_root(args.root, TRAIN, TEST, SIZE)  # the bench's own task: its cache is reused
+    bench.synthetic_task(root, bench.BENCH_TASK, TRAIN, TEST, SIZE, workers)
     config = bench.compose(bench.overrides_for("fast", run_args, root, bench.BENCH_TASK))
+    bench.build_cache(root, bench.BENCH_TASK, config.backbone.image_size, workers)
+    timeline = Timeline(first, last, args.trace)
     record = bench.run(config, Path("/tmp/gist_exp_timeline") / time.strftime("%H%M%S"), callbacks=[timeline])
     if record["status"] != "completed":
         raise SystemExit(f"run failed: {record.get('error')}")
-    result = bench.summarise("fast", record, 1880)
+    result = bench.summarise("fast", record, TEST)
     print(f"bench numbers: train {result['train_img_s']:,.0f} img/s, median epoch {result['epoch_s']:.4f} s")
     summarise(timeline.marks, record["epoch_s"])
     if args.trace:
-        trace_gaps(args.trace, record["train_images"] // len(record["epoch_s"]) // 64)
+        trace_gaps(args.trace, record["train_images"] // len(record["epoch_s"]) // config.data.batch_size)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,18 @@ def compile_cache_state(before: dict[str, int], after: dict[str, int]) -> str:
     return "cold" if hits == 0 else "warm" if misses == 0 else "partly warm"
 
 
+def bench_root(base: Path, train: int, test: int, size: tuple[int, int]) -> Path:
+    """Where the bench's synthetic task of these sizes lives under `base` (tools that reuse it look here)."""
+    return base / f"{train}-{test}-{size[0]}x{size[1]}"
+
+
+def synthetic_task(root: Path, task: str, train: int, test: int, size: tuple[int, int], workers: int) -> None:
+    """Write a synthetic task's JPEG tree under `root`, unless an earlier run did."""
+    if not (root / task / "test.txt").is_file():
+        print(f"writing the synthetic task {task} ({train} train, {test} test JPEGs of {size[0]}x{size[1]}) to {root}")
+        fake.make_task(root, task, train, test, size, workers=workers)
+
+
 def build_cache(root: Path, task: str, image_size: int, workers: int) -> None:
     """Decode once, before timing: the targets are for runs once the cache exists."""
     for split in load_protocol(root, get_task(task), "final"):
@@ -228,8 +240,7 @@ def check_projection(args, root_base: Path, out: Path, fast: dict, overhead: flo
     measured, projected = 0.0, 0.0
     for name, test_size in tasks:
         root = root_base / f"projection-{args.train}-{width}x{height}"
-        if not (root / name / "test.txt").is_file():
-            fake.make_task(root, name, args.train, test_size, (width, height), workers=args.workers)
+        synthetic_task(root, name, args.train, test_size, (width, height), args.workers)
         build_cache(root, name, image_size, args.workers)
         record = run_path("fast", args, root, out / "projection", test_size, task=name)
         measured += record["task_s"]
@@ -316,11 +327,9 @@ def main(argv=None) -> None:
         args.compile = torch.cuda.is_available()
 
     info = machine()
-    width, height = fake.parse_size(args.image_size)
-    root = args.root / f"{args.train}-{args.test}-{width}x{height}"
-    if not (root / BENCH_TASK / "test.txt").is_file():
-        print(f"writing the synthetic task ({args.train} train, {args.test} test JPEGs of {width}x{height}) to {root}")
-        fake.make_task(root, BENCH_TASK, args.train, args.test, (width, height), workers=args.workers)
+    size = fake.parse_size(args.image_size)
+    root = bench_root(args.root, args.train, args.test, size)
+    synthetic_task(root, BENCH_TASK, args.train, args.test, size, args.workers)
     cfg_fast = compose([f"backbone={args.backbone}", "backbone.weights=random", f"task={BENCH_TASK}", "peft=adapter"])
 
     start = time.perf_counter()

@@ -1,8 +1,8 @@
 """Linear layers with one tiny side (an adapter's projections) as Triton kernels written for that shape.
 
 An adapter's down (C -> r) and up (r -> C) projections, r = 4, are six thin GEMMs per call (forward, input
-gradient, weight gradient of each). cuBLAS runs them at 12-18 us each on an H200, a third of the HBM rate
-for the one activation-sized operand each moves; these kernels run them at 4.6-9.4 us (benchmarks/RESULTS.md):
+gradient, weight gradient of each). cuBLAS runs them at 12-18 us each on an H200, a third to a half of the HBM
+rate for the one activation-sized operand each moves; these kernels run them at 4.6-9.4 us (benchmarks/RESULTS.md):
 - `thin`:  x[M, K] @ w[N, K].T + b, N tiny: a tensor-core dot per block of rows, N padded to 16;
 - `outer`: u[M, K] @ w[N, K].T + b, K tiny: K broadcast multiply-adds per output element;
 - `wgrad`: big[M, C].T @ small[M, R] by blocks of rows, then a sum over the blocks (no atomics, so a step
