@@ -9,7 +9,9 @@ sync), so an event recorded there runs at once and ties the GPU clock to the hos
 - "GPU step": GPU time between consecutive batch starts: the step's device time when the GPU never waits;
 - "host step": host time between consecutive batch starts;
 - "lead": how far the GPU trails the host at a batch start (0 means the GPU waited for the host);
-- the epoch's wall time split into the wait before the first step's work, the steps and the end.
+- the epoch's wall time split into the wait before the first step's work, the steps and the end;
+- "to next": host time from the epoch's end hook to the next epoch's start (checkpoints, logging);
+- one epoch's GPU step times and lags, step by step.
 With `--trace`, one epoch (the window's first) is also profiled (CUDA activity only), and its GPU busy
 and idle time and, per kernel name, the calls, time and idle time before them are printed per step.
 """
@@ -69,8 +71,8 @@ class Timeline(pl.Callback):
 def summarise(marks: dict[int, list], epoch_s: list[float]) -> None:
     torch.cuda.synchronize()
     print(f"{'epoch':>5} {'epoch s':>8} {'GPU step ms':>11} {'host step ms':>12} {'min lead ms':>11} "
-          f"{'to 1st step ms':>14} {'steps ms':>9} {'after ms':>9}")
-    gpu_steps, host_steps = [], []
+          f"{'to 1st step ms':>14} {'steps ms':>9} {'after ms':>9} {'to next ms':>10}")
+    gpu_steps, host_steps, detail = [], [], {}
     for epoch, rows in sorted(marks.items()):
         start_host, start_event = rows[0][1], rows[0][2]
         starts = [(h, e) for name, h, e in rows if name == "batch_start"]
@@ -80,13 +82,21 @@ def summarise(marks: dict[int, list], epoch_s: list[float]) -> None:
         leads = [start_event.elapsed_time(e) - (h - start_host) * 1e3 for h, e in starts[1:]]
         gpu_steps += gpu
         host_steps += host
+        detail[epoch] = (gpu, leads)
         first = start_event.elapsed_time(starts[0][1])
         steps = starts[0][1].elapsed_time(end_event)
         after = epoch_s[epoch] * 1e3 - start_event.elapsed_time(end_event)
+        # host time from this epoch's end hook to the next one's start: the module's epoch end, checkpoints, logging
+        following = marks.get(epoch + 1)
+        to_next = f"{(following[0][1] - end_host) * 1e3:>10.2f}" if following else f"{'':>10}"
         print(f"{epoch:>5} {epoch_s[epoch]:>8.4f} {statistics.median(gpu):>11.2f} {statistics.median(host):>12.2f} "
-              f"{min(leads):>11.2f} {first:>14.2f} {steps:>9.1f} {after:>9.2f}")
+              f"{min(leads):>11.2f} {first:>14.2f} {steps:>9.1f} {after:>9.2f} {to_next}")
     print(f"median over the window: GPU step {statistics.median(gpu_steps):.2f} ms, host step "
           f"{statistics.median(host_steps):.2f} ms")
+    epoch = sorted(detail)[len(detail) // 2]
+    gpu, leads = detail[epoch]
+    print(f"epoch {epoch}, step by step: GPU ms {' '.join(f'{t:.2f}' for t in gpu)}")
+    print(f"epoch {epoch}, GPU lag behind the host at each batch start, ms: {' '.join(f'{t:.1f}' for t in leads)}")
 
 
 def trace_gaps(path: Path, steps: int, top: int = 25) -> None:

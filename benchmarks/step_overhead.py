@@ -1,8 +1,8 @@
 """Where one training step's time goes (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
-        [--adapter-form ...] [--block-form ...] [--no-kernels] [--bf16-stream] [--conv-patch-embed] [--sdpa ...]
-        [--inductor NAME=VALUE ...] [--next-models N]
+        [--adapter-form ...] [--block-form ...] [--no-kernels] [--frozen-fp32] [--bf16-stream]
+        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -34,16 +34,18 @@ from gist_exp.models.adapter import Adapter
 BACKBONE = dict(name="vit_base_patch16_224.augreg_in21k", weights="random")
 PEFT = dict(name="adapter", variant="shared_parallel", rank=8, alpha=8, targets=["qkv"])
 GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
-VARIANTS = {  # name: (what is compiled, torch.compile mode)
-    "eager": (None, None),
-    "compiled": ("tokens", "default"),
-    "reduce-overhead": ("tokens", "reduce-overhead"),  # what compile=true does
-    "regional": ("blocks", "reduce-overhead"),  # one compiled graph that every block reuses
-    "whole-model": ("whole", "reduce-overhead"),  # model and loss compiled, as compile=true did before
+VARIANTS = {  # name: (what is compiled, torch.compile mode, the loss's torch.compile mode or None: eager)
+    "eager": (None, None, None),
+    "compiled": ("tokens", "default", None),
+    "reduce-overhead": ("tokens", "reduce-overhead", None),  # what compile=true does
+    "loss-compiled": ("tokens", "reduce-overhead", "default"),  # and the GIST loss, without CUDA graphs
+    "loss-graphed": ("tokens", "reduce-overhead", "reduce-overhead"),  # and the GIST loss, in a CUDA graph
+    "regional": ("blocks", "reduce-overhead", None),  # one compiled graph that every block reuses
+    "whole-model": ("whole", "reduce-overhead", "default"),  # model and loss compiled, as compile=true did before
 }
 
 
-def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = False, conv: bool = False,
+def make(variant: str, peft: str, num_classes: int = 47, frozen_fp32: bool = False, conv: bool = False,
          adapter_form: str = "linear", block_form: str = "block", bf16_stream: bool = False, kernels: bool = True):
     torch.manual_seed(0)
     start = time.perf_counter()
@@ -51,12 +53,10 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
         model = build_model(BACKBONE, {**PEFT, "name": peft, "kernels": kernels}, GIST, num_classes)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
-    if frozen_bf16:  # frozen matmul weights stored in bf16: autocast casts them anyway
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and not module.weight.requires_grad:
-                module.weight.data = module.weight.data.bfloat16()
+    if not frozen_fp32:  # as a bf16-mixed run of the library (train.prepare)
+        model.store_frozen_weights_in(torch.bfloat16)
     model.patchify = not conv
-    unit, mode = VARIANTS[variant]
+    unit, mode, loss_mode = VARIANTS[variant]
     if adapter_form != "linear":
         for module in model.modules():
             if isinstance(module, Adapter):
@@ -68,7 +68,7 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
         block_forms.use_form(model, block_form)
     if bf16_stream:  # the residual stream in bf16 from the first block on (timm's under autocast is fp32)
         model.vit.blocks[0].register_forward_pre_hook(lambda module, args: (args[0].bfloat16(),))
-    loss_fn = gist_loss
+    loss_fn = gist_loss if loss_mode is None else torch.compile(gist_loss, dynamic=False, mode=loss_mode)
     if unit == "tokens":
         model.compile_tokens(mode)
     elif unit == "blocks":
@@ -76,7 +76,6 @@ def make(variant: str, peft: str, num_classes: int = 47, frozen_bf16: bool = Fal
             block.compile(dynamic=False, mode=mode)
     elif unit == "whole":
         model.compile(dynamic=False, mode=mode)
-        loss_fn = torch.compile(gist_loss, dynamic=False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
     return model, optimizer, loss_fn, build_s
@@ -155,7 +154,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--peft", default="adapter", help="adapter | linear (gist token + head only) | lora | vpt")
-    parser.add_argument("--frozen-bf16", action="store_true", help="store the frozen matmul weights in bf16")
+    parser.add_argument("--frozen-fp32", action="store_true",
+                        help="keep the frozen matmul weights in fp32, cast by autocast every step (the library "
+                             "stores them in bf16)")
     parser.add_argument("--adapter-form", default="linear", choices=["linear", *adapter_forms.FORMS],
                         help="how the adapter is computed (benchmarks/adapter_forms.py); linear: the module itself")
     parser.add_argument("--no-kernels", action="store_true",
@@ -192,13 +193,13 @@ def main() -> None:
         if config is None or not hasattr(config, option):
             parser.error(f"--inductor {setting}: torch._inductor.config has no option {name!r}")
         setattr(config, option, ast.literal_eval(value))
-    print(f"peft={args.peft} frozen_bf16={args.frozen_bf16} conv_patch_embed={args.conv_patch_embed} "
+    print(f"peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
           f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
           f"block_form={args.block_form} bf16_stream={args.bf16_stream} kernels={not args.no_kernels} "
           f"inductor={args.inductor}")
     print(f"{'variant':<28} {'step ms':>8} {'piped ms':>8} {'host ms':>8} {'img/s':>8} {'build s':>8} {'warmup s':>9} "
           f"{'2nd model s':>11} {'eval img/s':>10}")
-    settings = dict(frozen_bf16=args.frozen_bf16, conv=args.conv_patch_embed, adapter_form=args.adapter_form,
+    settings = dict(frozen_fp32=args.frozen_fp32, conv=args.conv_patch_embed, adapter_form=args.adapter_form,
                     block_form=args.block_form, bf16_stream=args.bf16_stream, kernels=not args.no_kernels)
     for variant in args.variants.split(","):
         model, optimizer, loss_fn, build_s = make(variant, args.peft, **settings)

@@ -3,8 +3,9 @@
 import json
 
 import pytest
+import torch
 
-from gist_exp.train import resolve_task_aliases
+from gist_exp.train import prepare, resolve, resolve_task_aliases
 from helpers import TINY, read_results, run_cli
 
 
@@ -32,6 +33,18 @@ def test_baselines_train_well_above_chance(demo_root, tmp_path):
         for gist in ("on", "off"):
             [path] = (tmp_path / f"{peft}-gist_{gist}" / "dtd" / "seed=0").rglob("results.json")
             check_completed_run(read_results(path.parent), peft, gist)
+
+
+@pytest.mark.parametrize("precision, frozen", [("bf16-mixed", torch.bfloat16), ("16-mixed", torch.float16),
+                                               ("32-true", torch.float32)])
+def test_mixed_precision_jobs_keep_the_frozen_matmul_weights_in_the_autocast_dtype(make_cfg, small_root, precision,
+                                                                                     frozen):
+    cfg = make_cfg(*TINY, f"data.root={small_root}", "peft=adapter", f"trainer.precision={precision}")
+    model = prepare(cfg, resolve(cfg)).module.model
+    block = model.vit.blocks[0]
+    assert block.block.attn.qkv.weight.dtype == block.block.mlp.fc2.bias.dtype == frozen
+    assert model.vit.patch_embed.proj.weight.dtype == frozen
+    assert block.adapter.down.weight.dtype == model.vit.head.weight.dtype == torch.float32  # trainable
 
 
 def check_completed_run(r: dict, peft: str, gist: str) -> None:

@@ -214,6 +214,9 @@ def check_config(cfg: DictConfig, max_epochs: int) -> None:
         raise ConfigError(f"backbone.image_size={size} is not a multiple of backbone.patch_size={patch}")
 
 
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}  # Lightning's mixed precisions
+
+
 def precision(cfg: DictConfig) -> str:
     if cfg.trainer.precision != "auto":
         return str(cfg.trainer.precision)
@@ -282,6 +285,8 @@ def prepare(cfg: DictConfig, config: dict) -> Job:
     with torch.device(build_device(cfg)):  # initialising 86M parameters on the CPU takes seconds
         model = build_model(config["backbone"], config["peft"], gist, task.num_classes, recipe.drop_path,
                             cfg.data.normalization)
+    if autocast_dtype := AUTOCAST_DTYPES.get(precision(cfg)):
+        model.store_frozen_weights_in(autocast_dtype)
     params = count_parameters(model)
     log.info("trainable parameters: %s", ", ".join(f"{k} {v:,}" for k, v in params.items()))
     loss = LossWeights(gist["ce_weight"], gist["kl_weight"], gist["temperature"]) if gist["enabled"] else None

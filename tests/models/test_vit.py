@@ -1,11 +1,15 @@
-"""The patch embedding as a matmul over flattened patches, against timm's convolution."""
+"""The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16."""
+
+import copy
 
 import pytest
 import torch
 from timm.layers import PatchEmbed
+from torch import nn
 
+from gist_exp.models import gist_loss
 from gist_exp.models.vit import embed_patches, is_patchify
-from tiny import tiny
+from tiny import GIST_ON, tiny
 
 
 def pixels(n=4, size=32):
@@ -67,3 +71,36 @@ def test_full_fine_tuning_trains_the_patch_weight_through_the_matmul_as_through_
         grads.append(model.vit.patch_embed.proj.weight.grad.clone())
     assert grads[0].abs().sum() > 0
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("peft", [dict(name="adapter", variant="shared_parallel"), dict(name="lora", rank=4, alpha=4,
+                                  targets=["qkv"]), dict(name="vpt", num_prompts=3, mode="deep", dropout=0.1)])
+def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
+    """What autocast computes does not change: it casts the frozen fp32 weights to bf16 before every matmul."""
+    torch.manual_seed(0)
+    plain = tiny(peft, GIST_ON)
+    stored = copy.deepcopy(plain)
+    stored.store_frozen_weights_in(torch.bfloat16)
+    cast = 0
+    for module in stored.modules():  # frozen Linear / Conv2d parameters in bf16, everything else fp32
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            for param in module.parameters(recurse=False):
+                assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16)
+                cast += not param.requires_grad
+    assert cast == 4 * 2 * 2 + 2  # qkv, proj, fc1, fc2 of both blocks and the patch embedding, weight and bias
+    assert stored.vit.pos_embed.dtype == stored.vit.norm.weight.dtype == stored.gist.token.dtype == torch.float32
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3])
+    outputs = []
+    for model in (plain, stored):
+        torch.manual_seed(1)  # the same dropout masks
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cls_logits, gist_logits = model(images)
+            loss = gist_loss(cls_logits, gist_logits, labels, 0.5, 0.75, 3.0)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        outputs.append((cls_logits, gist_logits, grads))
+    (cls_a, gist_a, grads_a), (cls_b, gist_b, grads_b) = outputs
+    assert torch.equal(cls_a, cls_b) and torch.equal(gist_a, gist_b)
+    assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)

@@ -113,6 +113,18 @@ class PeftViT(nn.Module):
         than it saves on VTAB test sets (benchmarks/RESULTS.md)."""
         self.compile_mode = mode
 
+    def store_frozen_weights_in(self, dtype: torch.dtype) -> None:
+        """Keep the frozen Linear and Conv2d weights and biases in `dtype`, the autocast dtype the run trains
+        and evaluates in. Autocast casts them to `dtype` before every matmul anyway, so every result is
+        bit-identical; what goes is the cast itself, each step (0.2 ms of a 16 ms ViT-B/16 step on an H200,
+        benchmarks/RESULTS.md). Trainable parameters, LayerNorms and embeddings stay fp32. Only for runs
+        under autocast: an fp32 forward would refuse the mixed dtypes."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                for param in module.parameters(recurse=False):
+                    if not param.requires_grad:
+                        param.data = param.data.to(dtype)
+
     def head(self, token: torch.Tensor, gist: bool = False) -> torch.Tensor:
         head = self.gist_head if gist and self.gist_head is not None else self.vit.head
         return head(self.vit.head_drop(self.vit.fc_norm(token)))
