@@ -4,12 +4,12 @@
 
 Runs the bench's fast path (`gist_exp.train.run` on its synthetic dtd-sized task: ViT-B/16, adapter + GIST,
 bf16-mixed, compile=true) and records CUDA events and host times at every batch and epoch hook of the
-epochs in `--window`. The GPU is idle when an epoch starts (the previous one ended with its one host
-sync), so an event recorded there runs at once and ties the GPU clock to the host clock. From that:
+epochs in `--window`. At the window's first epoch start it waits for the GPU once, so that the event
+recorded there runs at once and ties the GPU clock to the host clock. From that:
 - "GPU step": GPU time between consecutive batch starts: the step's device time when the GPU never waits;
 - "host step": host time between consecutive batch starts;
-- "lead": how far the GPU trails the host at a batch start (0 means the GPU waited for the host);
-- the epoch's wall time split into the wait before the first step's work, the steps and the end;
+- "lag": how far the GPU trails the host at a batch start (0 means the GPU waited for the host);
+- "to 1st step": GPU time from the epoch's start to its first batch (the GPU idles there if it waited);
 - "to next": host time from the epoch's end hook to the next epoch's start (checkpoints, logging);
 - one epoch's GPU step times and lags, step by step.
 With `--trace`, one epoch (the window's first) is also profiled (CUDA activity only), and its GPU busy
@@ -39,6 +39,13 @@ class Timeline(pl.Callback):
         self.first, self.last, self.trace = first, last, trace
         self.marks: dict[int, list[tuple[str, float, torch.cuda.Event]]] = {}
         self.profiler = None
+        self.anchor: tuple[float, torch.cuda.Event] | None = None  # (host time, event) with the GPU idle
+
+    def _anchor(self) -> None:
+        torch.cuda.synchronize()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        self.anchor = (time.perf_counter(), event)
 
     def _mark(self, trainer, name: str) -> None:
         epoch = trainer.current_epoch
@@ -48,6 +55,8 @@ class Timeline(pl.Callback):
             self.marks.setdefault(epoch, []).append((name, time.perf_counter(), event))
 
     def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.first:
+            self._anchor()
         if self.trace and trainer.current_epoch == self.first:
             self.profiler = profile(activities=[ProfilerActivity.CUDA])  # no CPU events: the host stays as fast
             self.profiler.__enter__()
@@ -68,35 +77,35 @@ class Timeline(pl.Callback):
             self.profiler = None
 
 
-def summarise(marks: dict[int, list], epoch_s: list[float]) -> None:
+def summarise(marks: dict[int, list], epoch_s: list[float], anchor: tuple[float, torch.cuda.Event]) -> None:
     torch.cuda.synchronize()
-    print(f"{'epoch':>5} {'epoch s':>8} {'GPU step ms':>11} {'host step ms':>12} {'min lead ms':>11} "
-          f"{'to 1st step ms':>14} {'steps ms':>9} {'after ms':>9} {'to next ms':>10}")
+    anchor_host, anchor_event = anchor
+    print(f"{'epoch':>5} {'epoch s':>8} {'GPU step ms':>11} {'host step ms':>12} {'min lag ms':>10} "
+          f"{'max lag ms':>10} {'to 1st step ms':>14} {'steps ms':>9} {'to next ms':>10}")
     gpu_steps, host_steps, detail = [], [], {}
     for epoch, rows in sorted(marks.items()):
-        start_host, start_event = rows[0][1], rows[0][2]
+        start_event = rows[0][2]
         starts = [(h, e) for name, h, e in rows if name == "batch_start"]
         end_host, end_event = rows[-1][1], rows[-1][2]
         gpu = [a[1].elapsed_time(b[1]) for a, b in zip(starts, starts[1:])]
         host = [(b[0] - a[0]) * 1e3 for a, b in zip(starts, starts[1:])]
-        leads = [start_event.elapsed_time(e) - (h - start_host) * 1e3 for h, e in starts[1:]]
+        lags = [anchor_event.elapsed_time(e) - (h - anchor_host) * 1e3 for h, e in starts]
         gpu_steps += gpu
         host_steps += host
-        detail[epoch] = (gpu, leads)
+        detail[epoch] = (gpu, lags)
         first = start_event.elapsed_time(starts[0][1])
         steps = starts[0][1].elapsed_time(end_event)
-        after = epoch_s[epoch] * 1e3 - start_event.elapsed_time(end_event)
         # host time from this epoch's end hook to the next one's start: the module's epoch end, checkpoints, logging
         following = marks.get(epoch + 1)
         to_next = f"{(following[0][1] - end_host) * 1e3:>10.2f}" if following else f"{'':>10}"
         print(f"{epoch:>5} {epoch_s[epoch]:>8.4f} {statistics.median(gpu):>11.2f} {statistics.median(host):>12.2f} "
-              f"{min(leads):>11.2f} {first:>14.2f} {steps:>9.1f} {after:>9.2f} {to_next}")
+              f"{min(lags):>10.2f} {max(lags):>10.2f} {first:>14.2f} {steps:>9.1f} {to_next}")
     print(f"median over the window: GPU step {statistics.median(gpu_steps):.2f} ms, host step "
           f"{statistics.median(host_steps):.2f} ms")
     epoch = sorted(detail)[len(detail) // 2]
-    gpu, leads = detail[epoch]
+    gpu, lags = detail[epoch]
     print(f"epoch {epoch}, step by step: GPU ms {' '.join(f'{t:.2f}' for t in gpu)}")
-    print(f"epoch {epoch}, GPU lag behind the host at each batch start, ms: {' '.join(f'{t:.1f}' for t in leads)}")
+    print(f"epoch {epoch}, GPU lag behind the host at each batch start, ms: {' '.join(f'{t:.1f}' for t in lags)}")
 
 
 def trace_gaps(path: Path, steps: int, top: int = 25) -> None:
@@ -149,7 +158,10 @@ def main() -> None:
         raise SystemExit(f"run failed: {record.get('error')}")
     result = bench.summarise("fast", record, TEST)
     print(f"bench numbers: train {result['train_img_s']:,.0f} img/s, median epoch {result['epoch_s']:.4f} s")
-    summarise(timeline.marks, record["epoch_s"])
+    outside = record["fit_s"] - sum(record["epoch_s"])
+    print(f"fit {record['fit_s']:.2f} s, of which {outside:.2f} s outside the epochs' times "
+          f"({outside / (len(record['epoch_s']) - 1) * 1e3:.1f} ms per epoch boundary, with the fit's start and end)")
+    summarise(timeline.marks, record["epoch_s"], timeline.anchor)
     if args.trace:
         trace_gaps(args.trace, record["train_images"] // len(record["epoch_s"]) // config.data.batch_size)
 

@@ -25,7 +25,7 @@ def root(tmp_path):
 
 def args(root, out, *extra):
     return [*TINY, f"data.root={root}", f"hydra.run.dir={out}", "peft=adapter", "trainer.max_epochs=12",
-            "trainer.deterministic=true", *extra]
+            "trainer.deterministic=true", "checkpoint.every_n_epochs=1", *extra]
 
 
 def trainable_state(run_dir):
@@ -153,6 +153,7 @@ def test_non_finite_loss_stops_records_the_step_and_keeps_earlier_results(root, 
     ("trainer.devices=2", "trainer.devices=2: one device per job"),
     ("trainer.max_epochs=abc", "trainer.max_epochs='abc' must be a positive integer"),
     ("eval.every_n_epochs=50", "eval.every_n_epochs=50 must be 0"),
+    ("checkpoint.every_n_epochs=-1", "checkpoint.every_n_epochs=-1 must be 0 (a checkpoint at the end only)"),
     ("protocol=test", "protocol='test' is not one of final, tune"),
     ("recipe.drop_path=1.0", "recipe.drop_path=1.0 must be a number in [0, 1)"),
     ("data.pipeline=dali", "data.pipeline='dali' is not one of"),
@@ -190,7 +191,7 @@ def test_two_sweeps_into_one_tree_do_not_corrupt_each_other(root, tmp_path):
     results = [json.loads(p.read_text()) for p in out.rglob("results.json")]
     assert len(results) == 2 and all(r["status"] == "completed" for r in results)
     for ckpt in out.rglob("last.ckpt"):
-        assert torch.load(ckpt, weights_only=True)["epoch"] == 2
+        assert torch.load(ckpt, weights_only=True)["epoch"] == 3  # written after the last of 3 epochs
     lines = [json.loads(l) for l in (out / "sweep_progress.jsonl").read_text().splitlines()]
     assert sum(l["event"] == "start" for l in lines) == 2 and sum(l["event"] == "job" for l in lines) == 4
 

@@ -1,14 +1,18 @@
+import csv
 import gc
+import math
 import weakref
 
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loggers import CSVLogger
 from timm.scheduler import CosineLRScheduler
 from torch._dynamo.utils import counters
 
 from gist_exp.data.datamodule import VTabDataModule
 from gist_exp.data.tasks import TASKS
+from gist_exp.errors import NonFiniteLossError
 from gist_exp.module import GistModule, LossWeights, Schedule
 from models.tiny import GIST_ON, tiny
 
@@ -112,3 +116,53 @@ def test_a_compiled_model_is_freed_as_soon_as_its_job_drops_it():
         assert freed() is None
     finally:
         gc.enable()
+
+
+class PoisonHeadAt(pl.Callback):
+    """Makes every loss of epoch `epoch` onwards non-finite."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                module.model.vit.head.bias.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("checkpoint_every, bad_epoch", [(1, 1), (None, 1), (None, 2)])  # 2: the last epoch
+def test_a_non_finite_loss_stops_the_run_before_its_epoch_is_checkpointed_or_counted(small_root, tmp_path,
+                                                                                      checkpoint_every, bad_epoch):
+    """The host reads an epoch's non-finite check one epoch late (no wait at the epoch's end), but a checkpoint
+    of that epoch is never written and the run never ends as if it were healthy."""
+    module, dm, _ = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=3)
+    callbacks = [PoisonHeadAt(bad_epoch)]
+    if checkpoint_every:
+        callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True,
+                                                      every_n_epochs=checkpoint_every, save_on_train_epoch_end=True))
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=bool(checkpoint_every), callbacks=callbacks)
+    steps_per_epoch = 40 // 8
+    with pytest.raises(NonFiniteLossError, match=rf"at optimizer step {bad_epoch * steps_per_epoch} \(epoch {bad_epoch}\)"):
+        trainer.fit(module, datamodule=dm)
+    assert len(module.epoch_seconds) == bad_epoch and module.train_images == bad_epoch * steps_per_epoch * 8
+    if checkpoint_every:  # epoch 0's checkpoint is the last one written
+        saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+        assert saved["epoch"] == 0 and len(saved["epoch_seconds"]) == 1
+        assert torch.isfinite(saved["state_dict"]["model.vit.head.bias"]).all()
+
+
+def test_every_epoch_is_timed_counted_and_logged_once_training_ends(small_root, tmp_path):
+    module, dm, _ = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=3)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=1,
+                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path, enable_checkpointing=False)
+    trainer.fit(module, datamodule=dm)
+    assert len(module.epoch_seconds) == 3 and all(t > 0 for t in module.epoch_seconds)
+    assert module.train_images == 3 * 40 // 8 * 8
+    with open(tmp_path / "logs" / "version_0" / "metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["train/loss"]]
+    assert [(int(r["epoch"]), int(r["step"])) for r in rows] == [(0, 4), (1, 9), (2, 14)]  # each epoch's last step
+    assert [float(r["train/lr"]) for r in rows] == [module.schedule.lr(e, module.lr, 3) for e in range(3)]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows)

@@ -110,3 +110,16 @@ def test_default_run_dir_names_method_task_seed_and_extra_overrides(demo_root, t
     [results] = list(run_dir.rglob("results.json"))
     assert results.parent.name == "backbone=vit_tiny_test,trainer.max_epochs=1,trainer.progress_bar=false"
     assert json.loads(results.read_text())["seed"] == 3
+
+
+def test_the_last_checkpoint_holds_the_final_weights_and_a_rerun_from_it_only_tests(demo_root, tmp_path):
+    out = tmp_path / "run"
+    assert train(demo_root, out, "peft=linear", "trainer.max_epochs=3").returncode == 0  # < checkpoint.every_n_epochs
+    first = read_results(out)
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 3  # after the last epoch
+    (out / "results.json").unlink()
+    proc = train(demo_root, out, "peft=linear", "trainer.max_epochs=3")
+    assert proc.returncode == 0 and "resuming from" in proc.stdout, proc.stdout[-3000:]
+    again = read_results(out)
+    assert again["metrics"] == first["metrics"]
+    assert again["epoch_s"] == first["epoch_s"] and again["train_images"] == first["train_images"]  # nothing retrained

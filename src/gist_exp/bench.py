@@ -202,32 +202,52 @@ def project_sweep(first: dict, later: dict | None, bench_test_size: int, epochs_
             "first_overhead_s": first_s, "overhead_s": later_s, "train_images_per_task": train_images}
 
 
+SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's warning for each synchronising call
+
+
 class SyncDebug(pl.Callback):
-    """CUDA sync debugging on from the start to the end of every training batch."""
+    """CUDA sync debugging on inside every training batch and between epochs (from an epoch's end hooks,
+    the module's and the checkpoint's, to the next epoch's first batch), counting the two apart in the
+    warnings recorded into `caught`. The last epoch's end writes the final checkpoint, so it is left out."""
+
+    def __init__(self, caught: list):
+        self.caught = caught
+        self.between_epochs = 0
+        self._boundary_from: int | None = None  # index into caught where the current boundary began
 
     def on_train_batch_start(self, *args):
+        if self._boundary_from is not None:
+            self.between_epochs += sum(SYNC_WARNING in str(w.message) for w in self.caught[self._boundary_from:])
+            self._boundary_from = None
         torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_end(self, *args):
         torch.cuda.set_sync_debug_mode(0)
 
+    def on_train_epoch_end(self, trainer, module):  # runs before the module's and the checkpoint's hooks
+        if trainer.current_epoch < trainer.max_epochs - 1:
+            self._boundary_from = len(self.caught)
+            torch.cuda.set_sync_debug_mode("warn")
 
-def check_sync(args, root: Path, out: Path, batch_size: int) -> float:
+
+def check_sync(args, root: Path, out: Path, batch_size: int) -> tuple[float, int]:
     """Train the fast path (eager) for 3 epochs with every host synchronisation inside a training step
-    (forward, loss, backward, optimizer) turned into a warning; return the count per step."""
+    (forward, loss, backward, optimizer) or between epochs turned into a warning; return the count per
+    step and the count between epochs."""
     short = argparse.Namespace(**{**vars(args), "epochs": 3, "compile": False})
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        record = run_path("fast", short, root, out / "sync", args.test, callbacks=[SyncDebug()])
+        debug = SyncDebug(caught)
+        record = run_path("fast", short, root, out / "sync", args.test, callbacks=[debug])
     torch.cuda.set_sync_debug_mode(0)
-    # PyTorch's warning for each synchronising call (its one-off "prototype feature" notice is not one)
-    syncs = [w for w in caught if "called a synchronizing CUDA operation" in str(w.message)]
+    syncs = [w for w in caught if SYNC_WARNING in str(w.message)]  # not its one-off "prototype feature" notice
+    in_steps = len(syncs) - debug.between_epochs
     steps = record["train_images"] // batch_size
-    print(f"sync check: {len(syncs)} host synchronisations inside {steps} training steps "
-          f"({len(syncs) / steps:.2f} per step)")
+    print(f"sync check: {in_steps} host synchronisations inside {steps} training steps "
+          f"({in_steps / steps:.2f} per step), {debug.between_epochs} between epochs (2 boundaries)")
     for w in syncs[:5]:
         print(f"  {w.filename}:{w.lineno}: {str(w.message)[:100]}")
-    return len(syncs) / steps
+    return in_steps / steps, debug.between_epochs
 
 
 def check_projection(args, root_base: Path, out: Path, fast: dict, overhead: float, spec: str,
@@ -341,7 +361,8 @@ def main(argv=None) -> None:
     forward_flops, step_flops = flops_per_image(cfg_fast)
     out = Path("/tmp/gist_exp_bench_runs")
     batch_size = cfg_fast.data.batch_size
-    sync_per_step = check_sync(args, root, out, batch_size) if args.check_sync and device.type == "cuda" else None
+    sync_per_step, sync_between_epochs = (check_sync(args, root, out, batch_size)
+                                          if args.check_sync and device.type == "cuda" else (None, None))
     results = {}
     for path in args.paths.split(","):
         before = inductor_counters()
@@ -391,7 +412,8 @@ def main(argv=None) -> None:
               f"{projection['total_s'] / 60:.1f} min (overhead: first task {projection['first_overhead_s']:.1f}s "
               f"with the compile cache {fast['compile_cache']}, "
               f"each later task {projection['overhead_s']:.1f}s)")
-    numbers = dict(cli=cli, sync_per_step=sync_per_step, projection_check=projection_check,
+    numbers = dict(cli=cli, sync_per_step=sync_per_step, sync_between_epochs=sync_between_epochs,
+                   projection_check=projection_check,
                    machine=info, args={k: str(v) for k, v in vars(args).items()}, cache_s=cache_s, tflops=tflops,
                    forward_flops=forward_flops, step_flops=step_flops, results=results, ratio=ratio, mfu=mfu,
                    projection=projection)

@@ -46,6 +46,20 @@ class LossWeights:
     temperature: float = 3.0
 
 
+@dataclass
+class EpochEnd:
+    """A training epoch's results that are still on the device (or in flight to the host)."""
+
+    epoch: int
+    step: int  # the epoch's last optimizer step, where its metrics are logged
+    first_bad_step: torch.Tensor  # host copies: the first optimizer step with a non-finite loss, or -1,
+    loss: torch.Tensor  # and the mean loss
+    lr: float
+    start: float | torch.cuda.Event
+    end: float | torch.cuda.Event
+    images: int
+
+
 class GistModule(pl.LightningModule):
     def __init__(self, model: PeftViT, lr: float, weight_decay: float, schedule: Schedule,
                  loss: LossWeights | None = None, compile: bool = False):
@@ -62,6 +76,7 @@ class GistModule(pl.LightningModule):
         self.config_hash: str | None = None  # set by the entry point; a checkpoint of another config is refused
         self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
         self.train_images = 0
+        self._unsettled: EpochEnd | None = None  # the last epoch, until its device results are read
         if compile:
             # On a GPU the eager step is bound by the host issuing kernels (benchmarks/RESULTS.md), so
             # CUDA graphs replay the compiled part.
@@ -80,7 +95,8 @@ class GistModule(pl.LightningModule):
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._steps = 0
         self._epoch_images = 0
-        self._epoch_start = time.perf_counter()
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # Lightning steps it before the end hook
+        self._epoch_start = self._mark()
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
@@ -94,15 +110,48 @@ class GistModule(pl.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
-        first_bad = int(self._first_bad_step)  # the one host sync of the epoch
-        if first_bad >= 0:
+        # The host does not wait for this epoch: its non-finite check, loss and time are read (and logged)
+        # at the next epoch's end, long finished by then, before any checkpoint is written, and when
+        # training ends.
+        self._settle()
+        pinned = self.device.type == "cuda"
+        first_bad = torch.empty((), dtype=torch.long, pin_memory=pinned).copy_(self._first_bad_step, non_blocking=True)
+        loss = torch.empty((), pin_memory=pinned).copy_(self._loss_sum / max(self._steps, 1), non_blocking=True)
+        self._unsettled = EpochEnd(self.current_epoch, self.global_step - 1, first_bad, loss, self._epoch_lr,
+                                   self._epoch_start, self._mark(), self._epoch_images)
+
+    def on_train_end(self) -> None:
+        self._settle()
+
+    def _mark(self) -> float | torch.cuda.Event:
+        """Now, on the device's stream (a CUDA event, read later without waiting) or on the host clock."""
+        if self.device.type != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def _settle(self) -> None:
+        """Read the last finished epoch's results from the device: stop on a non-finite loss, record its time,
+        log its loss and learning rate."""
+        if self._unsettled is None:
+            return
+        epoch, self._unsettled = self._unsettled, None
+        if isinstance(epoch.end, float):
+            seconds = epoch.end - epoch.start
+        else:
+            epoch.end.synchronize()  # recorded after the copies to the host
+            seconds = epoch.start.elapsed_time(epoch.end) / 1e3
+        if int(epoch.first_bad_step) >= 0:
             raise NonFiniteLossError(
-                f"non-finite loss at optimizer step {first_bad} (epoch {self.current_epoch}); the run stops "
-                f"here and earlier checkpoints are kept. Lower recipe.lr or check the data.")
-        self.epoch_seconds.append(time.perf_counter() - self._epoch_start)
-        self.train_images += self._epoch_images
-        self.log("train/loss", self._loss_sum / max(self._steps, 1), on_epoch=True)
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+                f"non-finite loss at optimizer step {int(epoch.first_bad_step)} (epoch {epoch.epoch}); the run "
+                f"stops here and earlier checkpoints are kept. Lower recipe.lr or check the data.")
+        self.epoch_seconds.append(seconds)
+        self.train_images += epoch.images
+        for logger in self.loggers:
+            logger.log_metrics({"train/loss": float(epoch.loss), "train/lr": epoch.lr, "epoch": epoch.epoch},
+                               step=epoch.step)
+            logger.save()  # on disk now: a killed run keeps the log of its finished epochs
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -167,6 +216,7 @@ class GistModule(pl.LightningModule):
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self._settle()  # a checkpoint never holds the weights of an epoch with a non-finite loss
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng"] = {"torch": torch.get_rng_state()}

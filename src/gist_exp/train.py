@@ -200,6 +200,10 @@ def check_config(cfg: DictConfig, max_epochs: int) -> None:
     if not isinstance(every, int) or every < 0 or every > max_epochs:
         raise ConfigError(f"eval.every_n_epochs={every!r} must be 0 (test at the end only) or between 1 and "
                           f"trainer.max_epochs={max_epochs}")
+    every = cfg.checkpoint.every_n_epochs
+    if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+        raise ConfigError(f"checkpoint.every_n_epochs={every!r} must be 0 (a checkpoint at the end only) or a "
+                          "positive integer")
     if not (isinstance(cfg.recipe.lr, (int, float)) and cfg.recipe.lr > 0):
         raise ConfigError(f"recipe.lr={cfg.recipe.lr!r} must be a positive number")
     if cfg.recipe.warmup_epochs >= cfg.recipe.epochs:
@@ -323,6 +327,7 @@ def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep:
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None, weights_only=True)
+    trainer.save_checkpoint(last)  # the final weights, whatever checkpoint.every_n_epochs; resumes into testing
     fit_s = time.perf_counter() - fit_start
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)

@@ -61,7 +61,10 @@ class DeviceBatches:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self):
-        order = self.sampler.permutation().to(self.images.device, non_blocking=True)
+        order = self.sampler.permutation()
+        if self.images.is_cuda:  # a copy from pageable memory would wait for the device to finish its queue
+            order = order.pin_memory()
+        order = order.to(self.images.device, non_blocking=True)
         for i in range(len(self)):
             index = order[i * self.batch_size:(i + 1) * self.batch_size]
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
