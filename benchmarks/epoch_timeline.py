@@ -160,7 +160,9 @@ def main() -> None:
     print(f"bench numbers: train {result['train_img_s']:,.0f} img/s, median epoch {result['epoch_s']:.4f} s")
     outside = record["fit_s"] - sum(record["epoch_s"])
     print(f"fit {record['fit_s']:.2f} s, of which {outside:.2f} s outside the epochs' times "
-          f"({outside / (len(record['epoch_s']) - 1) * 1e3:.1f} ms per epoch boundary, with the fit's start and end)")
+          f"({outside / max(len(record['epoch_s']) - 1, 1) * 1e3:.1f} ms per epoch boundary, with the fit's start and end)")
+    if timeline.anchor is None:
+        raise SystemExit(f"--window {args.window} starts after the run's last epoch ({args.epochs - 1})")
     summarise(timeline.marks, record["epoch_s"], timeline.anchor)
     if args.trace:
         trace_gaps(args.trace, record["train_images"] // len(record["epoch_s"]) // config.data.batch_size)

@@ -153,6 +153,25 @@ def test_a_non_finite_loss_stops_the_run_before_its_epoch_is_checkpointed_or_cou
         assert torch.isfinite(saved["state_dict"]["model.vit.head.bias"]).all()
 
 
+class SaveMidEpoch(pl.Callback):
+    def __init__(self, path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 2:
+            trainer.save_checkpoint(self.path)
+
+
+def test_a_checkpoint_written_mid_epoch_is_refused_after_a_non_finite_loss(small_root, tmp_path):
+    module, dm, _ = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=3)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         enable_checkpointing=False, callbacks=[PoisonHeadAt(1), SaveMidEpoch(tmp_path / "mid.ckpt")])
+    with pytest.raises(NonFiniteLossError, match=r"at optimizer step 5 \(epoch 1\)"):
+        trainer.fit(module, datamodule=dm)
+    assert not (tmp_path / "mid.ckpt").exists()
+
+
 def test_every_epoch_is_timed_counted_and_logged_once_training_ends(small_root, tmp_path):
     module, dm, _ = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=3)
     trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=CSVLogger(tmp_path, name="logs"), log_every_n_steps=1,

@@ -208,7 +208,8 @@ SYNC_WARNING = "called a synchronizing CUDA operation"  # PyTorch's warning for 
 class SyncDebug(pl.Callback):
     """CUDA sync debugging on inside every training batch and between epochs (from an epoch's end hooks,
     the module's and the checkpoint's, to the next epoch's first batch), counting the two apart in the
-    warnings recorded into `caught`. The last epoch's end writes the final checkpoint, so it is left out."""
+    warnings recorded into `caught`. The last epoch's end is left out: the final checkpoint is written there.
+    PyTorch's sync debugging does not see waits on CUDA events (the module's, on epochs long finished)."""
 
     def __init__(self, caught: list):
         self.caught = caught
@@ -244,7 +245,7 @@ def check_sync(args, root: Path, out: Path, batch_size: int) -> tuple[float, int
     in_steps = len(syncs) - debug.between_epochs
     steps = record["train_images"] // batch_size
     print(f"sync check: {in_steps} host synchronisations inside {steps} training steps "
-          f"({in_steps / steps:.2f} per step), {debug.between_epochs} between epochs (2 boundaries)")
+          f"({in_steps / steps:.2f} per step), {debug.between_epochs} between epochs ({short.epochs - 1} boundaries)")
     for w in syncs[:5]:
         print(f"  {w.filename}:{w.lineno}: {str(w.message)[:100]}")
     return in_steps / steps, debug.between_epochs

@@ -52,8 +52,8 @@ class EpochEnd:
 
     epoch: int
     step: int  # the epoch's last optimizer step, where its metrics are logged
-    first_bad_step: torch.Tensor  # host copies: the first optimizer step with a non-finite loss, or -1,
-    loss: torch.Tensor  # and the mean loss
+    first_bad_step: torch.Tensor  # host copy: the first optimizer step with a non-finite loss, or -1
+    loss: torch.Tensor  # host copy: the epoch's mean loss
     lr: float
     start: float | torch.cuda.Event
     end: float | torch.cuda.Event
@@ -74,7 +74,7 @@ class GistModule(pl.LightningModule):
         self.test_acc: float | None = None
         self.eval_images_per_s: float | None = None  # after the first batch of the last evaluation
         self.config_hash: str | None = None  # set by the entry point; a checkpoint of another config is refused
-        self.epoch_seconds: list[float] = []  # wall time of each training epoch (the first includes compilation)
+        self.epoch_seconds: list[float] = []  # each training epoch's time, CUDA events on a GPU (the first compiles)
         self.train_images = 0
         self._unsettled: EpochEnd | None = None  # the last epoch, until its device results are read
         if compile:
@@ -95,7 +95,8 @@ class GistModule(pl.LightningModule):
         self._first_bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
         self._steps = 0
         self._epoch_images = 0
-        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # Lightning steps it before the end hook
+        # read now: Lightning steps an epoch-interval scheduler after the last batch, before the epoch-end hook
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         self._epoch_start = self._mark()
 
     def training_step(self, batch, batch_idx):
@@ -114,9 +115,9 @@ class GistModule(pl.LightningModule):
         # at the next epoch's end, long finished by then, before any checkpoint is written, and when
         # training ends.
         self._settle()
-        pinned = self.device.type == "cuda"
-        first_bad = torch.empty((), dtype=torch.long, pin_memory=pinned).copy_(self._first_bad_step, non_blocking=True)
-        loss = torch.empty((), pin_memory=pinned).copy_(self._loss_sum / max(self._steps, 1), non_blocking=True)
+        pinned = self.device.type == "cuda"  # elsewhere the copies are plain, blocking ones
+        first_bad = torch.empty((), dtype=torch.long, pin_memory=pinned).copy_(self._first_bad_step, non_blocking=pinned)
+        loss = torch.empty((), pin_memory=pinned).copy_(self._loss_sum / max(self._steps, 1), non_blocking=pinned)
         self._unsettled = EpochEnd(self.current_epoch, self.global_step - 1, first_bad, loss, self._epoch_lr,
                                    self._epoch_start, self._mark(), self._epoch_images)
 
@@ -136,22 +137,26 @@ class GistModule(pl.LightningModule):
         log its loss and learning rate."""
         if self._unsettled is None:
             return
-        epoch, self._unsettled = self._unsettled, None
-        if isinstance(epoch.end, float):
-            seconds = epoch.end - epoch.start
+        pending, self._unsettled = self._unsettled, None
+        if isinstance(pending.end, float):
+            seconds = pending.end - pending.start
         else:
-            epoch.end.synchronize()  # recorded after the copies to the host
-            seconds = epoch.start.elapsed_time(epoch.end) / 1e3
-        if int(epoch.first_bad_step) >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at optimizer step {int(epoch.first_bad_step)} (epoch {epoch.epoch}); the run "
-                f"stops here and earlier checkpoints are kept. Lower recipe.lr or check the data.")
+            pending.end.synchronize()  # recorded after the copies to the host
+            seconds = pending.start.elapsed_time(pending.end) / 1e3
+        self._raise_if_non_finite(int(pending.first_bad_step), pending.epoch)
         self.epoch_seconds.append(seconds)
-        self.train_images += epoch.images
+        self.train_images += pending.images
         for logger in self.loggers:
-            logger.log_metrics({"train/loss": float(epoch.loss), "train/lr": epoch.lr, "epoch": epoch.epoch},
-                               step=epoch.step)
+            logger.log_metrics({"train/loss": float(pending.loss), "train/lr": pending.lr, "epoch": pending.epoch},
+                               step=pending.step)
             logger.save()  # on disk now: a killed run keeps the log of its finished epochs
+
+    @staticmethod
+    def _raise_if_non_finite(first_bad_step: int, epoch: int) -> None:
+        if first_bad_step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimizer step {first_bad_step} (epoch {epoch}); the run stops here and "
+                f"earlier checkpoints are kept. Lower recipe.lr or check the data.")
 
     def configure_optimizers(self):
         decay, no_decay = [], []
@@ -216,7 +221,10 @@ class GistModule(pl.LightningModule):
         return {f"model.{n}" for n, p in self.model.named_parameters() if p.requires_grad}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        self._settle()  # a checkpoint never holds the weights of an epoch with a non-finite loss
+        # a checkpoint never holds weights trained on a non-finite loss, whenever it is written
+        self._settle()
+        if hasattr(self, "_first_bad_step"):  # the epoch under way (or just queued), read with a sync
+            self._raise_if_non_finite(int(self._first_bad_step), self.current_epoch)
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
         checkpoint["rng"] = {"torch": torch.get_rng_state()}

@@ -327,7 +327,9 @@ def execute(job: Job, cfg: DictConfig, config: dict, output_dir: Path, in_sweep:
 
     fit_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=last if last.is_file() else None, weights_only=True)
-    trainer.save_checkpoint(last)  # the final weights, whatever checkpoint.every_n_epochs; resumes into testing
+    checkpoint_every = cfg.checkpoint.every_n_epochs
+    if not checkpoint_every or job.max_epochs % checkpoint_every:  # else the last epoch's was just written
+        trainer.save_checkpoint(last)  # the final weights, whatever checkpoint.every_n_epochs; resumes into testing
     fit_s = time.perf_counter() - fit_start
     test_start = time.perf_counter()
     trainer.test(module, datamodule=datamodule, verbose=False)
