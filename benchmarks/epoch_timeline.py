@@ -57,9 +57,9 @@ class Timeline(pl.Callback):
     def on_train_epoch_start(self, trainer, module):
         if trainer.current_epoch == self.first:
             self._anchor()
-        if self.trace and trainer.current_epoch == self.first:
-            self.profiler = profile(activities=[ProfilerActivity.CUDA])  # no CPU events: the host stays as fast
-            self.profiler.__enter__()
+            if self.trace:
+                self.profiler = profile(activities=[ProfilerActivity.CUDA])  # no CPU events: the host stays as fast
+                self.profiler.__enter__()
         self._mark(trainer, "epoch_start")
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):

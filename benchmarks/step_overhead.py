@@ -45,6 +45,28 @@ VARIANTS = {  # name: (what is compiled, torch.compile mode, the loss's torch.co
 }
 
 
+SDPA_BACKENDS = ["default", "flash", "efficient", "cudnn"]
+
+
+def only_sdpa(backend: str) -> None:
+    """Allow only this attention backend ("default": leave PyTorch's choice)."""
+    if backend != "default":
+        for name, flag in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
+            getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name == backend)
+        torch.backends.cuda.enable_math_sdp(False)
+
+
+def set_inductor_options(parser: argparse.ArgumentParser, settings: list[str]) -> None:
+    """Apply --inductor NAME=VALUE settings to torch._inductor.config (NAME may be dotted: triton.cudagraph_trees)."""
+    for setting in settings:
+        name, _, value = setting.partition("=")
+        *groups, option = name.split(".")
+        config = functools.reduce(lambda obj, group: getattr(obj, group, None), groups, torch._inductor.config)
+        if config is None or not hasattr(config, option):
+            parser.error(f"--inductor {setting}: torch._inductor.config has no option {name!r}")
+        setattr(config, option, ast.literal_eval(value))
+
+
 def make(variant: str, peft: str, num_classes: int = 47, frozen_fp32: bool = False, conv: bool = False,
          adapter_form: str = "linear", block_form: str = "block", bf16_stream: bool = False, kernels: bool = True):
     torch.manual_seed(0)
@@ -168,7 +190,7 @@ def main() -> None:
                         help="cast the tokens to bf16 before the first block (changes AMP numerics; measuring only)")
     parser.add_argument("--conv-patch-embed", action="store_true",
                         help="embed patches with timm's convolution instead of the matmul over flattened patches")
-    parser.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
+    parser.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS,
                         help="the only attention backend scaled_dot_product_attention may use")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set torch._inductor.config.NAME before compiling, e.g. max_autotune_gemm=True "
@@ -182,17 +204,8 @@ def main() -> None:
                              "report each one's warmup, step time and GPU memory")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
-    if args.sdpa != "default":
-        for name, backend in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
-            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(name == args.sdpa)
-        torch.backends.cuda.enable_math_sdp(False)
-    for setting in args.inductor:
-        name, _, value = setting.partition("=")
-        *groups, option = name.split(".")  # e.g. triton.cudagraph_trees
-        config = functools.reduce(lambda obj, group: getattr(obj, group, None), groups, torch._inductor.config)
-        if config is None or not hasattr(config, option):
-            parser.error(f"--inductor {setting}: torch._inductor.config has no option {name!r}")
-        setattr(config, option, ast.literal_eval(value))
+    only_sdpa(args.sdpa)
+    set_inductor_options(parser, args.inductor)
     print(f"peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
           f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
           f"block_form={args.block_form} bf16_stream={args.bf16_stream} kernels={not args.no_kernels} "

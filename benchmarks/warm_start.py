@@ -18,18 +18,15 @@ import time
 started = time.perf_counter()
 
 import argparse  # noqa: E402  (after the clock starts: the imports are timed)
-import ast  # noqa: E402
 import functools  # noqa: E402
 
 import torch  # noqa: E402
-import torch._inductor.config  # noqa: E402
 from torch._dynamo.utils import compile_times, counters  # noqa: E402
 
 from gist_exp.models import build_model, gist_loss  # noqa: E402
+from step_overhead import BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options  # noqa: E402
 
-BACKBONE = dict(name="vit_base_patch16_224.augreg_in21k", weights="random")
-PEFT = dict(name="adapter", variant="shared_parallel")
-GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
+PEFT = dict(name="adapter", variant="shared_parallel")  # the adapter at its defaults
 
 
 def synced(fn) -> float:
@@ -43,21 +40,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--eager", action="store_true", help="do not compile")
-    parser.add_argument("--sdpa", default="default", choices=["default", "flash", "efficient", "cudnn"],
+    parser.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS,
                         help="the only attention backend allowed")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set a torch._inductor.config option first, e.g. compile_threads=1")
     args = parser.parse_args()
     imports_s = time.perf_counter() - started
-    for setting in args.inductor:
-        name, _, value = setting.partition("=")
-        if not hasattr(torch._inductor.config, name):
-            parser.error(f"--inductor {setting}: torch._inductor.config has no option {name!r}")
-        setattr(torch._inductor.config, name, ast.literal_eval(value))
-    if args.sdpa != "default":
-        for name, backend in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
-            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(name == args.sdpa)
-        torch.backends.cuda.enable_math_sdp(False)
+    set_inductor_options(parser, args.inductor)
+    only_sdpa(args.sdpa)
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):

@@ -77,6 +77,7 @@ class GistModule(pl.LightningModule):
         self.epoch_seconds: list[float] = []  # each training epoch's time, CUDA events on a GPU (the first compiles)
         self.train_images = 0
         self._unsettled: EpochEnd | None = None  # the last epoch, until its device results are read
+        self._first_bad_step: torch.Tensor | None = None  # the epoch under way's, on the device
         if compile:
             # On a GPU the eager step is bound by the host issuing kernels (benchmarks/RESULTS.md), so
             # CUDA graphs replay the compiled part.
@@ -223,7 +224,7 @@ class GistModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint never holds weights trained on a non-finite loss, whenever it is written
         self._settle()
-        if hasattr(self, "_first_bad_step"):  # the epoch under way (or just queued), read with a sync
+        if self._first_bad_step is not None:  # the epoch under way (or just queued), read with a sync
             self._raise_if_non_finite(int(self._first_bad_step), self.current_epoch)
         keep = self.trainable_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
