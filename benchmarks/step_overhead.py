@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
         [--adapter-form ...] [--block-form ...] [--no-kernels] [--frozen-fp32] [--bf16-stream]
-        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N]
+        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N] [--whole-graph]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -28,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import adapter_forms
 import block_forms
+import gist_exp.models.vit
 from gist_exp.models import build_model, gist_loss
 from gist_exp.models.adapter import Adapter
 
@@ -49,11 +50,18 @@ SDPA_BACKENDS = ["default", "flash", "efficient", "cudnn"]
 
 
 def only_sdpa(backend: str) -> None:
-    """Allow only this attention backend ("default": leave PyTorch's choice)."""
+    """Allow only this attention backend ("default": leave PyTorch's choice, cuDNN on an H200)."""
     if backend != "default":
         for name, flag in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
             getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name == backend)
         torch.backends.cuda.enable_math_sdp(False)
+
+
+def trace_whole_graph() -> None:
+    """Compile as compile=true did before the blocks became one nested compile region (models/vit.py):
+    every block traced into the one graph, and inductor's buffer reuse on."""
+    gist_exp.models.vit.run_block = lambda block, x: block(x)
+    gist_exp.models.vit.COMPILE_OPTIONS = {}
 
 
 def set_inductor_options(parser: argparse.ArgumentParser, settings: list[str]) -> None:
@@ -195,6 +203,8 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set torch._inductor.config.NAME before compiling, e.g. max_autotune_gemm=True "
                              "or coordinate_descent_tuning=True (repeatable)")
+    parser.add_argument("--whole-graph", action="store_true",
+                        help="compile the blocks inline, not as one nested compile region that all twelve reuse")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512 (eager, as evaluation runs)")
     parser.add_argument("--second-model", action="store_true",
@@ -206,7 +216,9 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     only_sdpa(args.sdpa)
     set_inductor_options(parser, args.inductor)
-    print(f"peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
+    if args.whole_graph:
+        trace_whole_graph()
+    print(f"whole_graph={args.whole_graph} peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
           f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
           f"block_form={args.block_form} bf16_stream={args.bf16_stream} kernels={not args.no_kernels} "
           f"inductor={args.inductor}")

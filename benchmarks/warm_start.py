@@ -1,12 +1,13 @@
 """Where a new process's first training steps go (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
-    PYTHONPATH=src python benchmarks/warm_start.py [--steps 6] [--eager] [--sdpa flash] [--inductor NAME=VALUE ...]
+    PYTHONPATH=src python benchmarks/warm_start.py [--steps 6] [--eager] [--whole-graph] [--sdpa flash]
+        [--inductor NAME=VALUE ...]
 
 Run it twice with one TORCHINDUCTOR_CACHE_DIR: the first process compiles cold, the second finds every
 graph in the on-disk caches, as a new `python -m gist_exp.train` job after an earlier one does. It
 builds compile=true's model (ViT-B/16 adapter + GIST, frozen weights in bf16, the token pipeline
 compiled with CUDA graphs), then times, each synced: the imports, the model's build, the forward, backward
-and optimizer step of each of the first training steps, and the first two eager evaluation batches of 512.
+and optimizer step of each of the first training steps, and the first eager evaluation batches (two of 512, then two of 344).
 After the first step it prints torch's compile-time breakdown and which on-disk caches were hit. `--eager`
 leaves the model uncompiled: its first step is the CUDA libraries' own start-up.
 """
@@ -24,7 +25,8 @@ import torch  # noqa: E402
 from torch._dynamo.utils import compile_times, counters  # noqa: E402
 
 from gist_exp.models import build_model, gist_loss  # noqa: E402
-from step_overhead import BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options  # noqa: E402
+from step_overhead import (BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options,  # noqa: E402
+                           trace_whole_graph)
 
 PEFT = dict(name="adapter", variant="shared_parallel")  # the adapter at its defaults
 
@@ -40,6 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--eager", action="store_true", help="do not compile")
+    parser.add_argument("--whole-graph", action="store_true",
+                        help="compile the blocks inline, not as one nested compile region that all twelve reuse")
     parser.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS,
                         help="the only attention backend allowed")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -48,6 +52,8 @@ def main() -> None:
     imports_s = time.perf_counter() - started
     set_inductor_options(parser, args.inductor)
     only_sdpa(args.sdpa)
+    if args.whole_graph:
+        trace_whole_graph()
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):
@@ -75,7 +81,7 @@ def main() -> None:
 
         return synced(forward), synced(lambda: loss.backward()), synced(update)
 
-    print(f"eager={args.eager} sdpa={args.sdpa} inductor settings: {args.inductor or 'defaults'}; "
+    print(f"eager={args.eager} whole_graph={args.whole_graph} sdpa={args.sdpa} inductor settings: {args.inductor or 'defaults'}; "
           f"imports {imports_s:.2f} s, model build {build_s:.2f} s")
     step_s = []
     for i in range(args.steps):
@@ -91,7 +97,8 @@ def main() -> None:
     evaluation = torch.randint(0, 256, (512, 3, 224, 224), dtype=torch.uint8, device="cuda")
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
         eval_s = [synced(functools.partial(model.predict, evaluation)) for _ in range(2)]
-    print(f"eval batches of 512 s: {eval_s[0]:.3f} {eval_s[1]:.3f}")
+        eval_s += [synced(functools.partial(model.predict, evaluation[:344])) for _ in range(2)]  # dtd's last batch
+    print("eval batches of 512, 512, 344, 344 s: " + " ".join(f"{t:.3f}" for t in eval_s))
     print(f"total {time.perf_counter() - started:.1f} s since the process started its imports")
 
 

@@ -1,4 +1,5 @@
-"""The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16."""
+"""The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16;
+the blocks as one nested compile region."""
 
 import copy
 
@@ -8,7 +9,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from gist_exp.models import gist_loss
-from gist_exp.models.vit import embed_patches, is_patchify
+from gist_exp.models.vit import PeftViT, embed_patches, is_patchify
 from tiny import GIST_ON, tiny
 
 
@@ -73,8 +74,11 @@ def test_full_fine_tuning_trains_the_patch_weight_through_the_matmul_as_through_
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("peft", [dict(name="adapter", variant="shared_parallel"), dict(name="lora", rank=4, alpha=4,
-                                  targets=["qkv"]), dict(name="vpt", num_prompts=3, mode="deep", dropout=0.1)])
+PEFTS = [dict(name="adapter", variant="shared_parallel"), dict(name="lora", rank=4, alpha=4, targets=["qkv"]),
+         dict(name="vpt", num_prompts=3, mode="deep", dropout=0.1)]
+
+
+@pytest.mark.parametrize("peft", PEFTS)
 def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
     """What autocast computes does not change: it casts the frozen fp32 weights to bf16 before every matmul."""
     torch.manual_seed(0)
@@ -104,3 +108,23 @@ def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
     (cls_a, gist_a, grads_a), (cls_b, gist_b, grads_b) = outputs
     assert torch.equal(cls_a, cls_b) and torch.equal(gist_a, gist_b)
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested compile regions")
+@pytest.mark.parametrize("peft", PEFTS)
+def test_under_compile_every_block_runs_one_shared_region(peft):
+    """Dynamo traces the first block once and the others call the same subgraph (the cold compile's saving),
+    drop-path rates included: they differ per block as tensors, not as constants baked into the trace."""
+    model = tiny(peft, GIST_ON, drop_path_rate=0.2).train()
+    graphs = []
+
+    def capture(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    torch.compile(PeftViT.tokens, backend=capture, dynamic=False)(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    (graph,) = graphs
+    calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == len(model.vit.blocks) == 2
+    assert len({node.args[0].target for node in calls}) == 1

@@ -20,6 +20,18 @@ NORMALIZATIONS = {
 }
 
 
+def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
+# Under torch.compile every block is one nested compile region: dynamo and inductor compile the first block's
+# forward and backward, and the other blocks (same structure, other weights) reuse that code within the one
+# graph instead of being traced and compiled twelve times over (benchmarks/RESULTS.md has what a cold compile
+# then costs). Eager runs, and torch versions without it, just call the block.
+if hasattr(torch.compiler, "nested_compile_region"):
+    run_block = torch.compiler.nested_compile_region(run_block)
+
+
 class PixelNormalize(nn.Module):
     """uint8 (B, 3, H, W) -> ToTensor + Normalize, on whatever device the batch is on."""
 
@@ -101,7 +113,7 @@ class PeftViT(nn.Module):
             if self.prompts is not None and self.prompts.deep and i > 0:
                 end = start + self.prompts.num_prompts
                 x = torch.cat([x[:, :start], self.prompts(i, batch), x[:, end:]], dim=1)
-            x = block(x)
+            x = run_block(block, x)
         return vit.norm(x)
 
     def compile_tokens(self, mode: str = "default") -> None:
@@ -147,9 +159,19 @@ class PeftViT(nn.Module):
         return cls_logits
 
 
+# Inductor options of the compiled token pipeline. Buffer reuse off: with a reused nested compile region,
+# inductor (torch 2.11-2.14 at least) lets a later buffer overwrite one the region's backward still reads, and
+# the gradients of every block but the last come out wrong (tests/test_module.py catches it on the CPU).
+COMPILE_OPTIONS = {"allow_buffer_reuse": False}
+COMPILE_MODES = ("default", "reduce-overhead")  # reduce-overhead: the same, in CUDA graphs
+
+
 @functools.cache
 def compiled_tokens(mode: str):
     """One compiled `PeftViT.tokens` per mode for the whole process. It holds no model, so a finished
     job's model is freed at once; a compiled bound method would keep it alive until the next cyclic
     garbage collection (seen on an H200 as 0.3 GiB per finished ViT-B/16 model)."""
-    return torch.compile(PeftViT.tokens, dynamic=False, mode=mode)
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "reduce-overhead"}
+    return torch.compile(PeftViT.tokens, dynamic=False, options=options)
