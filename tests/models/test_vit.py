@@ -110,12 +110,9 @@ def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
-@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested compile regions")
-@pytest.mark.parametrize("peft", PEFTS)
-def test_under_compile_every_block_runs_one_shared_region(peft):
-    """Dynamo traces the first block once and the others call the same subgraph (the cold compile's saving),
-    drop-path rates included: they differ per block as tensors, not as constants baked into the trace."""
-    model = tiny(peft, GIST_ON, drop_path_rate=0.2).train()
+def traced_block_calls(model, images) -> list:
+    """Compile `PeftViT.tokens` as compile_tokens sets it up; return the nested-region calls in dynamo's graph
+    and check the compiled tokens against the eager ones."""
     graphs = []
 
     def capture(graph_module, example_inputs):
@@ -123,8 +120,30 @@ def test_under_compile_every_block_runs_one_shared_region(peft):
         return graph_module.forward
 
     torch._dynamo.reset()
-    torch.compile(PeftViT.tokens, backend=capture, dynamic=False)(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
+    model.compile_tokens()
+    tokens = torch.compile(PeftViT.tokens, backend=capture, dynamic=False)(model, images)
+    torch.testing.assert_close(tokens, PeftViT.tokens(model, images), rtol=1e-5, atol=1e-5)
     (graph,) = graphs
-    calls = [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+    return [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+
+
+@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested compile regions")
+@pytest.mark.parametrize("peft", PEFTS)
+def test_under_compile_every_block_runs_one_shared_region(peft):
+    """Dynamo traces the first block once and the others call the same subgraph (the cold compile's saving),
+    drop-path rates included: they differ per block as tensors, not as constants baked into the trace."""
+    model = tiny(peft, GIST_ON, drop_path_rate=0.2).eval()
+    calls = traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     assert len(calls) == len(model.vit.blocks) == 2
     assert len({node.args[0].target for node in calls}) == 1
+
+
+@pytest.mark.parametrize("change", [lambda block: setattr(block, "ls2", nn.Tanh()),
+                                    lambda block: setattr(block.attn, "scale", 1.0),
+                                    lambda block: block.register_forward_hook(lambda module, args, out: out * 2)])
+def test_blocks_that_differ_are_compiled_each_as_it_is(change):
+    """A nested region would run the first block's code for every block: a block with another module, setting
+    or hook must not share it (e.g. adapters in the last blocks only)."""
+    model = tiny(dict(name="lora", rank=4, alpha=4, targets=["qkv"]), GIST_ON).eval()
+    change(model.vit.blocks[1])
+    assert traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 
 import torch
 from torch import nn
@@ -20,16 +21,37 @@ NORMALIZATIONS = {
 }
 
 
-def run_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def call_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block(x)
 
 
-# Under torch.compile every block is one nested compile region: dynamo and inductor compile the first block's
-# forward and backward, and the other blocks (same structure, other weights) reuse that code within the one
-# graph instead of being traced and compiled twelve times over (benchmarks/RESULTS.md has what a cold compile
+# Under torch.compile, blocks that are alike (`blocks_alike`) are one nested compile region: dynamo and inductor
+# compile the first block's forward and backward, and the other blocks (other weights) reuse that code within the
+# one graph instead of being traced and compiled twelve times over (benchmarks/RESULTS.md has what a cold compile
 # then costs). Eager runs, and torch versions without it, just call the block.
+run_block = call_block
 if hasattr(torch.compiler, "nested_compile_region"):
-    run_block = torch.compiler.nested_compile_region(run_block)
+    run_block = torch.compiler.nested_compile_region(call_block)
+
+
+def block_signature(block: nn.Module) -> tuple:
+    """What a traced block's code depends on: each submodule's type, plain settings (scales, rates, head counts)
+    and hooks, and each parameter's and buffer's shape, dtype and requires_grad."""
+    signature = []
+    for name, module in block.named_modules():
+        settings = sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None))))
+        hooks = len(module._forward_pre_hooks), len(module._forward_hooks)
+        signature.append((name, type(module), tuple(settings), hooks))
+    for name, tensor in itertools.chain(block.named_parameters(), block.named_buffers()):
+        signature.append((name, tuple(tensor.shape), tensor.dtype, tensor.requires_grad))
+    return tuple(signature)
+
+
+def blocks_alike(blocks: nn.Sequential) -> bool:
+    """Whether every block may run the first one's compiled code. A nested compile region does not check this
+    itself: a block with other modules or settings would silently run the first block's code."""
+    first = block_signature(blocks[0])
+    return all(block_signature(block) == first for block in blocks[1:])
 
 
 class PixelNormalize(nn.Module):
@@ -90,6 +112,7 @@ class PeftViT(nn.Module):
         self.gist_head = gist_head  # None: the Gist token shares the CLS head (official code)
         self.predict_from = predict
         self.compile_mode: str | None = None  # set by compile_tokens
+        self.blocks_share_code = False  # set by compile_tokens
         self.patchify = is_patchify(vit.patch_embed)
 
     @property
@@ -109,11 +132,12 @@ class PeftViT(nn.Module):
         if inserted:
             x = torch.cat([x[:, :1], *inserted, x[:, 1:]], dim=1)
         start = self.prompt_start
+        call = run_block if self.blocks_share_code else call_block
         for i, block in enumerate(vit.blocks):
             if self.prompts is not None and self.prompts.deep and i > 0:
                 end = start + self.prompts.num_prompts
                 x = torch.cat([x[:, :start], self.prompts(i, batch), x[:, end:]], dim=1)
-            x = run_block(block, x)
+            x = call(block, x)
         return vit.norm(x)
 
     def compile_tokens(self, mode: str = "default") -> None:
@@ -122,8 +146,10 @@ class PeftViT(nn.Module):
         them out lets every task of a sweep reuse the same compiled graphs. Static shapes: an odd batch
         size would compile another graph, so the training loader keeps batches at one size.
         Evaluation (autograd off) runs the eager pipeline: an inference graph takes longer to compile
-        than it saves on VTAB test sets (benchmarks/RESULTS.md)."""
+        than it saves on VTAB test sets (benchmarks/RESULTS.md). The blocks share one compiled region when
+        they are alike now; a later change to one block's modules needs another call."""
         self.compile_mode = mode
+        self.blocks_share_code = blocks_alike(self.vit.blocks)
 
     def store_frozen_weights_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen Linear and Conv2d weights and biases in `dtype`, the autocast dtype the run trains
