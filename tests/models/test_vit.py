@@ -111,8 +111,8 @@ def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
 
 
 def traced_block_calls(model, images) -> list:
-    """Compile `PeftViT.tokens` as compile_tokens sets it up; return the nested-region calls in dynamo's graph
-    and check the compiled tokens against the eager ones."""
+    """Compile `PeftViT.tokens` as compile_tokens sets it up; return the nested-region calls in dynamo's graph.
+    In eval mode (no random draws) also check the compiled tokens against the eager ones."""
     graphs = []
 
     def capture(graph_module, example_inputs):
@@ -122,7 +122,8 @@ def traced_block_calls(model, images) -> list:
     torch._dynamo.reset()
     model.compile_tokens()
     tokens = torch.compile(PeftViT.tokens, backend=capture, dynamic=False)(model, images)
-    torch.testing.assert_close(tokens, PeftViT.tokens(model, images), rtol=1e-5, atol=1e-5)
+    if not model.training:
+        torch.testing.assert_close(tokens, PeftViT.tokens(model, images), rtol=1e-5, atol=1e-5)
     (graph,) = graphs
     return [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
 
@@ -132,7 +133,7 @@ def traced_block_calls(model, images) -> list:
 def test_under_compile_every_block_runs_one_shared_region(peft):
     """Dynamo traces the first block once and the others call the same subgraph (the cold compile's saving),
     drop-path rates included: they differ per block as tensors, not as constants baked into the trace."""
-    model = tiny(peft, GIST_ON, drop_path_rate=0.2).eval()
+    model = tiny(peft, GIST_ON, drop_path_rate=0.2).train()  # the training graph, drop-path drawn
     calls = traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
     assert len(calls) == len(model.vit.blocks) == 2
     assert len({node.args[0].target for node in calls}) == 1
