@@ -1,13 +1,16 @@
 """The benchmark's CPU smoke run (the H200 numbers come from the device; see benchmarks/RESULTS.md)."""
 
+import importlib.util
+import py_compile
 import subprocess
 import sys
+import types
 import time
 
 import pytest
 import torch
 
-from gist_exp.bench import compile_cache_state, inductor_counters, warm_note
+from gist_exp.bench import compile_cache_state, has_bytecode, inductor_counters, warm_note
 from helpers import REPO
 
 
@@ -47,3 +50,12 @@ def test_the_first_task_is_labelled_cold_or_warm_from_inductors_cache_counters()
     assert compile_once() == "warm"
     assert compile_cache_state(inductor_counters(), inductor_counters()) == "no compile"
     assert warm_note({"compile_cache": "warm"}) == " (warm compile cache)" and warm_note({"compile_cache": "cold"}) == ""
+
+
+def test_the_bench_reports_whether_python_has_compiled_bytecode_for_a_module(tmp_path):
+    source = tmp_path / "plain.py"
+    source.write_text("x = 1\n")
+    module = types.SimpleNamespace(__file__=str(source))
+    assert not has_bytecode(module)
+    py_compile.compile(str(source), cfile=importlib.util.cache_from_source(str(source)))
+    assert has_bytecode(module)

@@ -16,6 +16,7 @@ benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -274,11 +275,19 @@ def check_projection(args, root_base: Path, out: Path, fast: dict, overhead: flo
 
 
 # ---- reporting ------------------------------------------------------------------------------
+def has_bytecode(module) -> bool:
+    """Whether Python finds compiled bytecode (a .pyc) for this module's source. pip writes them at install;
+    without them (PYTHONDONTWRITEBYTECODE set on an install without .pyc) every process compiles the
+    sources again, adding seconds to the imports and to a first compile."""
+    return Path(importlib.util.cache_from_source(module.__file__)).exists()
+
+
 def machine() -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "host": platform.node(), "gpu": gpu,
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "timm": version("timm"), "lightning": version("pytorch-lightning")}
+            "timm": version("timm"), "lightning": version("pytorch-lightning"),
+            "torch_bytecode": has_bytecode(torch)}
 
 
 def warm_note(run: dict | None) -> str:
@@ -383,6 +392,10 @@ def main(argv=None) -> None:
                                         cfg_fast.backbone.image_size) if fast and args.check_projection else None
 
     print(f"\nmachine: {info}")
+    if not info["torch_bytecode"]:
+        print("note: Python has no compiled bytecode for torch here, so every process compiles its sources again "
+              "(imports and a first compile take seconds longer than on a usual install); "
+              "`python -m compileall -q -j 0 <site-packages>` writes it")
     print(f"cache build (decode once, {args.train + args.test} JPEGs, {args.workers} workers): {cache_s:.1f}s")
     print(f"model FLOPs per image: forward {forward_flops / 1e9:.1f} G, train step {step_flops / 1e9:.1f} G"
           + (f"; bf16 matmul measured {tflops:.0f} TFLOP/s" if tflops else ""))

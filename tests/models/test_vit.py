@@ -1,7 +1,9 @@
 """The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16;
-the blocks as one nested compile region."""
+the blocks as one nested compile region; inductor's unread graph scripts skipped."""
 
 import copy
+import io
+import logging
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from gist_exp.models import gist_loss
-from gist_exp.models.vit import PeftViT, embed_patches, is_patchify
+from gist_exp.models.vit import PeftViT, embed_patches, is_patchify, skip_unread_graph_scripts
 from tiny import GIST_ON, tiny
 
 
@@ -148,3 +150,32 @@ def test_blocks_that_differ_are_compiled_each_as_it_is(change):
     model = tiny(dict(name="lora", rank=4, alpha=4, targets=["qkv"]), GIST_ON).eval()
     change(model.vit.blocks[1])
     assert traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) == []
+
+
+def test_inductor_writes_no_graph_script_unless_a_trace_listens_and_other_callers_still_get_one(monkeypatch):
+    from torch._dynamo.repro import after_aot
+    from torch._logging._internal import LazyTraceHandler, trace_log
+
+    # As in a run without TORCH_TRACE: only torch's own lazy handler (pytest adds its capture handlers).
+    monkeypatch.setattr(trace_log, "handlers", [h for h in trace_log.handlers if isinstance(h, LazyTraceHandler)])
+    skip_unread_graph_scripts()
+    skip_unread_graph_scripts()  # a second call does not wrap twice
+    assert not hasattr(after_aot.save_graph_repro.__wrapped__, "__wrapped__")
+    graph = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    inputs = [torch.randn(1, 2)]
+
+    def script_from(module_name: str) -> str:  # save_graph_repro called from code in `module_name`
+        out = io.StringIO()
+        scope = {"__name__": module_name, "after_aot": after_aot, "out": out, "graph": graph, "inputs": inputs}
+        exec("after_aot.save_graph_repro(out, graph, inputs, 'inductor', save_dir=None)", scope)
+        return out.getvalue()
+
+    assert script_from("torch._inductor.compile_fx") == ""
+    assert "def forward" in script_from("my_minifier")
+    assert "def forward" in after_aot.generate_standalone_repro(graph, inputs)
+    listener = logging.NullHandler()
+    trace_log.addHandler(listener)
+    try:
+        assert "def forward" in script_from("torch._inductor.compile_fx")
+    finally:
+        trace_log.removeHandler(listener)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import sys
 
 import torch
 from torch import nn
@@ -192,6 +193,39 @@ COMPILE_OPTIONS = {"allow_buffer_reuse": False}
 COMPILE_MODES = ("default", "reduce-overhead")  # reduce-overhead: the same, in CUDA graphs
 
 
+def skip_unread_graph_scripts() -> None:
+    """Stop inductor writing a script of each graph it compiles when nothing will read it.
+
+    torch 2.11's inductor renders every graph it compiles as a runnable script (parsing each Triton
+    kernel's source) for structured-trace logging (TORCH_TRACE), and does so whether or not that log has a
+    listener; later versions (2.14) render it only for a listener. It cost 0.8-0.9 s of each cold
+    compile of ViT-B/16 on an H200 (benchmarks/RESULTS.md). This wraps torch's renderer so that a call from
+    inductor's compiler with no trace listener writes nothing; every other caller (the minifier, a
+    standalone repro) and any traced run get the script as before. Safe to call more than once."""
+    try:
+        from torch._dynamo.repro import after_aot
+        from torch._logging._internal import LazyTraceHandler, trace_log
+    except ImportError:  # another torch layout: leave it alone
+        return
+    render = getattr(after_aot, "save_graph_repro", None)
+    if render is None or getattr(render, "skips_unread", False):
+        return
+
+    def trace_listens() -> bool:  # torch's own handler without a directory (TORCH_TRACE unset) writes nothing
+        return any(not isinstance(h, LazyTraceHandler) or getattr(h, "root_dir", "") is not None
+                   for h in trace_log.handlers)
+
+    @functools.wraps(render)
+    def save_graph_repro(*args, **kwargs):
+        caller = sys._getframe(1).f_globals.get("__name__")
+        if caller == "torch._inductor.compile_fx" and not trace_listens():
+            return None
+        return render(*args, **kwargs)
+
+    save_graph_repro.skips_unread = True
+    after_aot.save_graph_repro = save_graph_repro
+
+
 @functools.cache
 def compiled_tokens(mode: str):
     """One compiled `PeftViT.tokens` per mode for the whole process. It holds no model, so a finished
@@ -199,5 +233,6 @@ def compiled_tokens(mode: str):
     garbage collection (seen on an H200 as 0.3 GiB per finished ViT-B/16 model)."""
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+    skip_unread_graph_scripts()
     options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "reduce-overhead"}
     return torch.compile(PeftViT.tokens, dynamic=False, options=options)
