@@ -11,7 +11,7 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from gist_exp.models import gist_loss
-from gist_exp.models.vit import PeftViT, embed_patches, is_patchify, skip_unread_graph_scripts
+from gist_exp.models.vit import PeftViT, compiled_tokens, embed_patches, is_patchify, skip_unread_graph_scripts
 from tiny import GIST_ON, tiny
 
 
@@ -179,3 +179,12 @@ def test_inductor_writes_no_graph_script_unless_a_trace_listens_and_other_caller
         assert "def forward" in script_from("torch._inductor.compile_fx")
     finally:
         trace_log.removeHandler(listener)
+
+
+def test_compiling_the_token_pipeline_installs_the_graph_script_skip(monkeypatch):
+    from torch._dynamo.repro import after_aot
+
+    unwrapped = getattr(after_aot.save_graph_repro, "__wrapped__", after_aot.save_graph_repro)
+    monkeypatch.setattr(after_aot, "save_graph_repro", unwrapped)
+    compiled_tokens.__wrapped__("default")  # past the per-process cache; torch.compile itself is lazy
+    assert getattr(after_aot.save_graph_repro, "skips_unread", False)
