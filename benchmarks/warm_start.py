@@ -7,7 +7,8 @@ Run it twice with one TORCHINDUCTOR_CACHE_DIR: the first process compiles cold, 
 graph in the on-disk caches, as a new `python -m gist_exp.train` job after an earlier one does. It
 builds compile=true's model (ViT-B/16 adapter + GIST, frozen weights in bf16, the token pipeline
 compiled with CUDA graphs), then times, each synced: the imports, the model's build, the forward, backward
-and optimizer step of each of the first training steps, and the first eager evaluation batches (two of 512, then two of 344).
+and optimizer step of each of the first training steps, and the first eager evaluation batches (two of 512, then two of 344),
+with the attention backends the library evaluates with (`EVAL_ATTENTION`: flash on a GPU) unless `--sdpa` names one.
 After the first step it prints torch's compile-time breakdown and which on-disk caches were hit. `--eager`
 leaves the model uncompiled: its first step is the CUDA libraries' own start-up.
 """
@@ -19,12 +20,15 @@ import time
 started = time.perf_counter()
 
 import argparse  # noqa: E402  (after the clock starts: the imports are timed)
+import contextlib  # noqa: E402
 import functools  # noqa: E402
 
 import torch  # noqa: E402
 from torch._dynamo.utils import compile_times, counters  # noqa: E402
+from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from gist_exp.models import build_model, gist_loss  # noqa: E402
+from gist_exp.module import EVAL_ATTENTION  # noqa: E402
 from step_overhead import (BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options,  # noqa: E402
                            trace_whole_graph)
 
@@ -95,7 +99,8 @@ def main() -> None:
           + "  ".join(f"{sum(t):.3f} ({t[0]:.3f} + {t[1]:.3f} + {t[2]:.3f})" for t in step_s))
     model.eval()
     evaluation = torch.randint(0, 256, (512, 3, 224, 224), dtype=torch.uint8, device="cuda")
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+    attention = sdpa_kernel(EVAL_ATTENTION) if args.sdpa == "default" else contextlib.nullcontext()  # --sdpa: that only
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16), attention:
         eval_s = [synced(functools.partial(model.predict, evaluation)) for _ in range(2)]
         eval_s += [synced(functools.partial(model.predict, evaluation[:344])) for _ in range(2)]  # dtd's last batch
     print("eval batches of 512, 512, 344, 344 s: " + " ".join(f"{t:.3f}" for t in eval_s))

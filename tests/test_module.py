@@ -72,6 +72,21 @@ def test_weight_decay_groups_and_checkpoint_holds_trainable_only(small_root, tmp
     assert set(saved) == trainable and len(saved) < len(module.state_dict()) / 3
 
 
+def test_evaluation_leaves_cudnn_attention_out_and_training_keeps_torchs_choice(small_root, tmp_path):
+    """On a GPU evaluation runs flash attention (a new process's first cuDNN call at a new batch size costs up to
+    a second); training keeps cuDNN, which is faster per step there."""
+    module, dm, trainer = fit(small_root, tmp_path, dict(name="adapter", variant="shared_parallel"), epochs=1)
+    seen = []  # (autograd on, cuDNN allowed, flash allowed) at each call of the first block's attention
+    module.model.vit.blocks[0].block.attn.register_forward_pre_hook(lambda attn, args: seen.append(
+        (torch.is_grad_enabled(), torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled())))
+    trainer.fit(module, datamodule=dm)
+    trainer.test(module, datamodule=dm, verbose=False)
+    training, evaluation = [s[1:] for s in seen if s[0]], [s[1:] for s in seen if not s[0]]
+    assert len(training) == 40 // 8 and len(evaluation) == math.ceil(20 / dm.eval_batch_size)
+    assert set(training) == {(True, True)} and set(evaluation) == {(False, True)}
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after evaluation
+
+
 def test_compile_keeps_checkpoint_keys_outputs_and_gradients_and_tasks_share_graphs_and_eval_stays_eager():
     torch.manual_seed(0)
     eager = tiny(dict(name="adapter", variant="shared_parallel"), GIST_ON, num_classes=47).eval()
