@@ -1,9 +1,11 @@
 """The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16;
-the blocks as one nested compile region; inductor's unread graph scripts skipped."""
+the blocks as one nested compile region; inductor's unread graph scripts skipped; the adapters' kernels
+launched statically."""
 
 import copy
 import io
 import logging
+import os
 
 import pytest
 import torch
@@ -11,7 +13,8 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from gist_exp.models import gist_loss
-from gist_exp.models.vit import PeftViT, compiled_tokens, embed_patches, is_patchify, skip_unread_graph_scripts
+from gist_exp.models.vit import (STATIC_LAUNCH_VARIABLE, PeftViT, compiled_tokens, embed_patches, is_patchify,
+                                 skip_unread_graph_scripts)
 from tiny import GIST_ON, tiny
 
 
@@ -188,3 +191,21 @@ def test_compiling_the_token_pipeline_installs_the_graph_script_skip(monkeypatch
     monkeypatch.setattr(after_aot, "save_graph_repro", unwrapped)
     compiled_tokens.__wrapped__("default")  # past the per-process cache; torch.compile itself is lazy
     assert getattr(after_aot.save_graph_repro, "skips_unread", False)
+
+
+def test_compiling_the_token_pipeline_launches_the_adapter_kernels_statically_unless_the_user_chose(monkeypatch):
+    """Inductor's static launcher takes the user-written kernels too, in this process and in the compile workers
+    (which read the environment); a value the user put in the environment is left as it is."""
+    import torch._inductor.config as inductor_config
+
+    if not hasattr(inductor_config, "static_launch_user_defined_triton_kernels"):
+        pytest.skip("this torch has no static launch of user-written Triton kernels")
+    monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", False)
+    monkeypatch.setenv(STATIC_LAUNCH_VARIABLE, "0")
+    compiled_tokens.__wrapped__("default")
+    assert inductor_config.static_launch_user_defined_triton_kernels is False  # the user's choice
+
+    monkeypatch.delenv(STATIC_LAUNCH_VARIABLE)
+    compiled_tokens.__wrapped__("default")
+    assert inductor_config.static_launch_user_defined_triton_kernels is True
+    assert os.environ[STATIC_LAUNCH_VARIABLE] == "1"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import sys
 
 import torch
@@ -226,6 +227,28 @@ def skip_unread_graph_scripts() -> None:
     after_aot.save_graph_repro = save_graph_repro
 
 
+# Inductor's variable that forces the setting below; its compile workers read it when they start.
+STATIC_LAUNCH_VARIABLE = "TORCHINDUCTOR_STATIC_LAUNCH_USER_DEFINED_TRITON_KERNELS"
+
+
+def launch_own_kernels_statically() -> None:
+    """Have inductor launch the adapters' Triton kernels (models/skinny.py) as it launches its own, through
+    torch's static CUDA launcher, not through a launcher that Triton builds with the C compiler.
+
+    A user-written kernel otherwise gets a Triton launcher per signature, and building one runs gcc
+    (0.26 s each on an H200) whenever Triton's cache lacks it. In a cold compile on the H200 the first
+    backward took 3.4 s instead of 4.2 s (benchmarks/RESULTS.md). A kernel the static launcher cannot take
+    falls back to Triton's launcher. The setting goes to this process and, through the environment, to the
+    compile workers, which start at the first compile. A value the user set in the environment is kept;
+    torch versions without the setting are left alone."""
+    import torch._inductor.config as inductor_config  # torch.compile imports it anyway; slow to import early
+
+    has_setting = hasattr(inductor_config, "static_launch_user_defined_triton_kernels")
+    if has_setting and STATIC_LAUNCH_VARIABLE not in os.environ:
+        inductor_config.static_launch_user_defined_triton_kernels = True
+        os.environ[STATIC_LAUNCH_VARIABLE] = "1"
+
+
 @functools.cache
 def compiled_tokens(mode: str):
     """One compiled `PeftViT.tokens` per mode for the whole process. It holds no model, so a finished
@@ -234,5 +257,6 @@ def compiled_tokens(mode: str):
     if mode not in COMPILE_MODES:
         raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
     skip_unread_graph_scripts()
+    launch_own_kernels_statically()
     options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "reduce-overhead"}
     return torch.compile(PeftViT.tokens, dynamic=False, options=options)
