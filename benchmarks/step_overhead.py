@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
         [--adapter-form ...] [--block-form ...] [--no-kernels] [--frozen-fp32] [--bf16-stream]
-        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N] [--whole-graph]
+        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -37,11 +37,11 @@ PEFT = dict(name="adapter", variant="shared_parallel", rank=8, alpha=8, targets=
 GIST = dict(enabled=True, head="shared", predict="cls", init_range=0.5, dropout=0.1)
 VARIANTS = {  # name: (what is compiled, torch.compile mode, the loss's torch.compile mode or None: eager)
     "eager": (None, None, None),
-    "compiled": ("tokens", "default", None),
-    "reduce-overhead": ("tokens", "reduce-overhead", None),  # what compile=true does
-    "loss-compiled": ("tokens", "reduce-overhead", "default"),  # and the GIST loss, without CUDA graphs
-    "loss-graphed": ("tokens", "reduce-overhead", "reduce-overhead"),  # and the GIST loss, in a CUDA graph
-    "regional": ("blocks", "reduce-overhead", None),  # one compiled graph that every block reuses
+    "compiled": ("tokens", "default", None),  # compile=true on the CPU: the embedding and blocks compiled regionally
+    "cuda-graphs": ("tokens", "cuda-graphs", None),  # what compile=true does on a GPU
+    "loss-compiled": ("tokens", "cuda-graphs", "default"),  # and the GIST loss, without CUDA graphs
+    "loss-graphed": ("tokens", "cuda-graphs", "reduce-overhead"),  # and the GIST loss, in a CUDA graph
+    "regional": ("blocks", "reduce-overhead", None),  # each block compiled in torch's own CUDA graphs
     "whole-model": ("whole", "reduce-overhead", "default"),  # model and loss compiled, as compile=true did before
 }
 
@@ -55,13 +55,6 @@ def only_sdpa(backend: str) -> None:
         for name, flag in (("flash", "flash"), ("efficient", "mem_efficient"), ("cudnn", "cudnn")):
             getattr(torch.backends.cuda, f"enable_{flag}_sdp")(name == backend)
         torch.backends.cuda.enable_math_sdp(False)
-
-
-def trace_whole_graph() -> None:
-    """Compile as compile=true did before the blocks became one nested compile region (models/vit.py):
-    every block traced into the one graph, and inductor's buffer reuse on."""
-    gist_exp.models.vit.run_block = gist_exp.models.vit.call_block
-    gist_exp.models.vit.COMPILE_OPTIONS = {}
 
 
 def set_inductor_options(parser: argparse.ArgumentParser, settings: list[str]) -> None:
@@ -203,8 +196,6 @@ def main() -> None:
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
                         help="set torch._inductor.config.NAME before compiling, e.g. max_autotune_gemm=True "
                              "or coordinate_descent_tuning=True (repeatable)")
-    parser.add_argument("--whole-graph", action="store_true",
-                        help="compile the blocks inline, not as one nested compile region that all twelve reuse")
     parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of each variant")
     parser.add_argument("--eval", action="store_true", help="also time inference in batches of 512 (eager, as evaluation runs)")
     parser.add_argument("--second-model", action="store_true",
@@ -216,9 +207,7 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = True
     only_sdpa(args.sdpa)
     set_inductor_options(parser, args.inductor)
-    if args.whole_graph:
-        trace_whole_graph()
-    print(f"whole_graph={args.whole_graph} peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
+    print(f"peft={args.peft} frozen_fp32={args.frozen_fp32} conv_patch_embed={args.conv_patch_embed} "
           f"sdpa={args.sdpa} adapter_form={args.adapter_form} "
           f"block_form={args.block_form} bf16_stream={args.bf16_stream} kernels={not args.no_kernels} "
           f"inductor={args.inductor}")
@@ -237,7 +226,7 @@ def main() -> None:
             model.eval()
             eval_img_s = eval_rate(model)
             model.train()
-        if args.profile and VARIANTS[variant][1] != "reduce-overhead":  # CUDA graphs hide their kernels
+        if args.profile and VARIANTS[variant][1] not in ("cuda-graphs", "reduce-overhead"):  # graphs hide kernels
             print_profile(step, images, labels)
         if args.second_model:
             other, other_opt, other_loss, _ = make(variant, args.peft, num_classes=10, **settings)

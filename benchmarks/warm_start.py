@@ -1,6 +1,6 @@
 """Where a new process's first training steps go (a GPU development tool; numbers go to benchmarks/RESULTS.md).
 
-    PYTHONPATH=src python benchmarks/warm_start.py [--steps 6] [--eager] [--whole-graph] [--sdpa flash]
+    PYTHONPATH=src python benchmarks/warm_start.py [--steps 6] [--eager] [--sdpa flash]
         [--inductor NAME=VALUE ...]
 
 Run it twice with one TORCHINDUCTOR_CACHE_DIR: the first process compiles cold, the second finds every
@@ -29,8 +29,7 @@ from torch.nn.attention import sdpa_kernel  # noqa: E402
 
 from gist_exp.models import build_model, gist_loss  # noqa: E402
 from gist_exp.module import EVAL_ATTENTION  # noqa: E402
-from step_overhead import (BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options,  # noqa: E402
-                           trace_whole_graph)
+from step_overhead import BACKBONE, GIST, SDPA_BACKENDS, only_sdpa, set_inductor_options  # noqa: E402
 
 PEFT = dict(name="adapter", variant="shared_parallel")  # the adapter at its defaults
 
@@ -46,8 +45,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--eager", action="store_true", help="do not compile")
-    parser.add_argument("--whole-graph", action="store_true",
-                        help="compile the blocks inline, not as one nested compile region that all twelve reuse")
     parser.add_argument("--sdpa", default="default", choices=SDPA_BACKENDS,
                         help="the only attention backend allowed")
     parser.add_argument("--inductor", action="append", default=[], metavar="NAME=VALUE",
@@ -56,15 +53,13 @@ def main() -> None:
     imports_s = time.perf_counter() - started
     set_inductor_options(parser, args.inductor)
     only_sdpa(args.sdpa)
-    if args.whole_graph:
-        trace_whole_graph()
     torch.manual_seed(0)
     start = time.perf_counter()
     with torch.device("cuda"):
         model = build_model(BACKBONE, PEFT, GIST, num_classes=47)
     model.store_frozen_weights_in(torch.bfloat16)
     if not args.eager:
-        model.compile_tokens("reduce-overhead")
+        model.compile_tokens("cuda-graphs")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, fused=True)
     torch.cuda.synchronize()
     build_s = time.perf_counter() - start
@@ -85,7 +80,7 @@ def main() -> None:
 
         return synced(forward), synced(lambda: loss.backward()), synced(update)
 
-    print(f"eager={args.eager} whole_graph={args.whole_graph} sdpa={args.sdpa} inductor settings: {args.inductor or 'defaults'}; "
+    print(f"eager={args.eager} sdpa={args.sdpa} inductor settings: {args.inductor or 'defaults'}; "
           f"imports {imports_s:.2f} s, model build {build_s:.2f} s")
     step_s = []
     for i in range(args.steps):

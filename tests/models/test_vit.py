@@ -1,5 +1,5 @@
 """The patch embedding as a matmul over flattened patches, against timm's convolution; frozen weights in bf16;
-the blocks as one nested compile region; inductor's unread graph scripts skipped; the adapters' kernels
+the blocks compiled regionally; inductor's unread graph scripts skipped; the adapters' kernels
 launched statically."""
 
 import copy
@@ -13,8 +13,9 @@ from timm.layers import PatchEmbed
 from torch import nn
 
 from gist_exp.models import gist_loss
-from gist_exp.models.vit import (STATIC_LAUNCH_VARIABLE, PeftViT, compiled_tokens, embed_patches, is_patchify,
+from gist_exp.models.vit import (STATIC_LAUNCH_VARIABLE, compiled_parts, embed_patches, is_patchify,
                                  skip_unread_graph_scripts)
+from torch._dynamo.utils import counters
 from tiny import GIST_ON, tiny
 
 
@@ -115,44 +116,87 @@ def test_frozen_weights_stored_in_bf16_give_the_same_bits_under_autocast(peft):
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[n], grads_b[n]) for n in grads_a)
 
 
-def traced_block_calls(model, images) -> list:
-    """Compile `PeftViT.tokens` as compile_tokens sets it up; return the nested-region calls in dynamo's graph.
-    In eval mode (no random draws) also check the compiled tokens against the eager ones."""
-    graphs = []
-
-    def capture(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
+def compiled_graphs(model, images) -> int:
+    """Run `model`'s compiled training forward and backward (compile_tokens as the library sets it up on the CPU);
+    return how many graphs dynamo compiled. In eval mode (no random draws) also check the compiled tokens and
+    gradients against the eager ones."""
     torch._dynamo.reset()
+    counters.clear()
     model.compile_tokens()
-    tokens = torch.compile(PeftViT.tokens, backend=capture, dynamic=False)(model, images)
+    outputs = []
+    for compiled in (True, False):
+        model.zero_grad(set_to_none=True)
+        tokens = model.tokens(images, compiled=compiled)
+        tokens.square().mean().backward()
+        outputs.append([tokens] + [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None])
     if not model.training:
-        torch.testing.assert_close(tokens, PeftViT.tokens(model, images), rtol=1e-5, atol=1e-5)
-    (graph,) = graphs
-    return [node for node in graph.graph.nodes if node.target is torch.ops.higher_order.invoke_subgraph]
+        assert len(outputs[0]) == len(outputs[1]) > 1
+        for got, expected in zip(*outputs):
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    return counters["stats"]["unique_graphs"]
 
 
-@pytest.mark.skipif(not hasattr(torch.compiler, "nested_compile_region"), reason="torch without nested compile regions")
 @pytest.mark.parametrize("peft", PEFTS)
-def test_under_compile_every_block_runs_one_shared_region(peft):
-    """Dynamo traces the first block once and the others call the same subgraph (the cold compile's saving),
-    drop-path rates included: they differ per block as tensors, not as constants baked into the trace."""
+def test_under_compile_dynamo_traces_one_block_and_every_block_runs_its_graph(peft):
+    """Regional compilation: two graphs (the embedding and one block), whatever the depth; drop-path rates
+    included, since they differ per block as tensors, not as constants baked into the trace."""
     model = tiny(peft, GIST_ON, drop_path_rate=0.2).train()  # the training graph, drop-path drawn
-    calls = traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8))
-    assert len(calls) == len(model.vit.blocks) == 2
-    assert len({node.args[0].target for node in calls}) == 1
+    assert len(model.vit.blocks) == 2
+    assert compiled_graphs(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) == 2
 
 
 @pytest.mark.parametrize("change", [lambda block: setattr(block, "ls2", nn.Tanh()),
                                     lambda block: setattr(block.attn, "scale", 1.0),
                                     lambda block: block.register_forward_hook(lambda module, args, out: out * 2)])
-def test_blocks_that_differ_are_compiled_each_as_it_is(change):
-    """A nested region would run the first block's code for every block: a block with another module, setting
-    or hook must not share it (e.g. adapters in the last blocks only)."""
+def test_a_block_that_differs_computes_under_compile_what_it_computes_eagerly(change):
+    """A block with another module, setting or hook (e.g. adapters in the last blocks only) must not run the
+    first block's code: dynamo's guards see the difference (compiled_graphs compares with eager)."""
     model = tiny(dict(name="lora", rank=4, alpha=4, targets=["qkv"]), GIST_ON).eval()
     change(model.vit.blocks[1])
-    assert traced_block_calls(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) == []
+    assert compiled_graphs(model, torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)) >= 2
+
+
+@pytest.mark.parametrize("peft", PEFTS)
+def test_the_cuda_graph_capture_differentiates_through_every_trainable_parameter_but_the_heads(peft, monkeypatch):
+    """On a GPU, compile=true captures the compiled pipeline's forward and backward (`capture_tokens`). Here torch's
+    capture is a stand-in that checks what it is given and then runs the pipeline as it is. Each trainable
+    parameter outside the heads must be an argument that reaches the output (else the captured backward would
+    silently leave its gradient out), autocast's cache is off (as torch's capture requires), one capture serves
+    each mode, and the gradients are the eager model's."""
+    captures = []
+
+    def capture(run, sample, allow_unused_input):
+        assert not torch.is_autocast_cache_enabled()
+        images, *params = sample
+        grads = torch.autograd.grad(run(*sample).square().sum(), params, allow_unused=True)
+        captures.append((params, grads))
+        return run
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", capture)
+    torch.manual_seed(0)
+    model = tiny(peft, GIST_ON).eval()  # eval: no dropout, so compiled and eager draw alike
+    eager = copy.deepcopy(model)
+    model.compile_tokens("cuda-graphs")
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    grads = []
+    for m in (model, model, eager):
+        m.zero_grad(set_to_none=True)
+        cls_logits, gist_logits = m(images)
+        (cls_logits.square().sum() + gist_logits.sum()).backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    (params, param_grads), = captures  # one capture for both calls in eval mode
+    pipeline = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(("vit.head.", "gist_head."))]
+    assert len(params) == len(pipeline) > 0 and all(a is p for a, p in zip(params, pipeline))
+    assert all(g is not None for g in param_grads)
+    for name, grad in grads[2].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.train()(images)
+    assert len(captures) == 2 and len(model.cuda_graphs) == 2  # training mode: a capture of its own
+
+
+def test_an_unknown_compile_mode_is_refused():
+    with pytest.raises(ValueError, match="'max-autotune' is not one of"):
+        tiny(dict(name="linear")).compile_tokens("max-autotune")
 
 
 def test_inductor_writes_no_graph_script_unless_a_trace_listens_and_other_callers_still_get_one(monkeypatch):
@@ -189,7 +233,7 @@ def test_compiling_the_token_pipeline_installs_the_graph_script_skip(monkeypatch
 
     unwrapped = getattr(after_aot.save_graph_repro, "__wrapped__", after_aot.save_graph_repro)
     monkeypatch.setattr(after_aot, "save_graph_repro", unwrapped)
-    compiled_tokens.__wrapped__("default")  # past the per-process cache; torch.compile itself is lazy
+    compiled_parts.__wrapped__()  # past the per-process cache; torch.compile itself is lazy
     assert getattr(after_aot.save_graph_repro, "skips_unread", False)
 
 
@@ -202,10 +246,10 @@ def test_compiling_the_token_pipeline_launches_the_adapter_kernels_statically_un
         pytest.skip("this torch has no static launch of user-written Triton kernels")
     monkeypatch.setattr(inductor_config, "static_launch_user_defined_triton_kernels", False)
     monkeypatch.setenv(STATIC_LAUNCH_VARIABLE, "0")
-    compiled_tokens.__wrapped__("default")
+    compiled_parts.__wrapped__()
     assert inductor_config.static_launch_user_defined_triton_kernels is False  # the user's choice
 
     monkeypatch.delenv(STATIC_LAUNCH_VARIABLE)
-    compiled_tokens.__wrapped__("default")
+    compiled_parts.__wrapped__()
     assert inductor_config.static_launch_user_defined_triton_kernels is True
     assert os.environ[STATIC_LAUNCH_VARIABLE] == "1"

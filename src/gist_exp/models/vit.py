@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,35 +25,6 @@ NORMALIZATIONS = {
 
 def call_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return block(x)
-
-
-# Under torch.compile, blocks that are alike (`blocks_alike`) are one nested compile region: dynamo and inductor
-# compile the first block's forward and backward, and the other blocks (other weights) reuse that code within the
-# one graph instead of being traced and compiled twelve times over (benchmarks/RESULTS.md has what a cold compile
-# then costs). Eager runs, and torch versions without it, just call the block.
-run_block = call_block
-if hasattr(torch.compiler, "nested_compile_region"):
-    run_block = torch.compiler.nested_compile_region(call_block)
-
-
-def block_signature(block: nn.Module) -> tuple:
-    """What a traced block's code depends on: each submodule's type, plain settings (scales, rates, head counts)
-    and hooks, and each parameter's and buffer's shape, dtype and requires_grad."""
-    signature = []
-    for name, module in block.named_modules():
-        settings = sorted((k, v) for k, v in vars(module).items() if isinstance(v, (bool, int, float, str, type(None))))
-        hooks = len(module._forward_pre_hooks), len(module._forward_hooks)
-        signature.append((name, type(module), tuple(settings), hooks))
-    for name, tensor in itertools.chain(block.named_parameters(), block.named_buffers()):
-        signature.append((name, tuple(tensor.shape), tensor.dtype, tensor.requires_grad))
-    return tuple(signature)
-
-
-def blocks_alike(blocks: nn.Sequential) -> bool:
-    """Whether every block may run the first one's compiled code. A nested compile region does not check this
-    itself: a block with other modules or settings would silently run the first block's code."""
-    first = block_signature(blocks[0])
-    return all(block_signature(block) == first for block in blocks[1:])
 
 
 class PixelNormalize(nn.Module):
@@ -114,14 +85,15 @@ class PeftViT(nn.Module):
         self.gist_head = gist_head  # None: the Gist token shares the CLS head (official code)
         self.predict_from = predict
         self.compile_mode: str | None = None  # set by compile_tokens
-        self.blocks_share_code = False  # set by compile_tokens
+        self.cuda_graphs: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}  # filled by training calls
         self.patchify = is_patchify(vit.patch_embed)
 
     @property
     def prompt_start(self) -> int:
         return 1 + (self.gist is not None)
 
-    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images -> the sequence the first block takes: [CLS, Gist, prompts, patches]."""
         vit = self.vit
         pixels = self.normalize(images)
         x = embed_patches(vit.patch_embed, pixels) if self.patchify else vit.patch_embed(pixels)
@@ -133,25 +105,36 @@ class PeftViT(nn.Module):
             inserted.append(self.prompts(0, batch))
         if inserted:
             x = torch.cat([x[:, :1], *inserted, x[:, 1:]], dim=1)
+        return x
+
+    def tokens(self, images: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        """The final-normed tokens. `compiled`: the embedding and each block through their torch.compile'd code."""
+        embed, run_block = compiled_parts() if compiled else (PeftViT.embed, call_block)
+        x = embed(self, images)
         start = self.prompt_start
-        call = run_block if self.blocks_share_code else call_block
-        for i, block in enumerate(vit.blocks):
+        for i, block in enumerate(self.vit.blocks):
             if self.prompts is not None and self.prompts.deep and i > 0:
                 end = start + self.prompts.num_prompts
-                x = torch.cat([x[:, :start], self.prompts(i, batch), x[:, end:]], dim=1)
-            x = call(block, x)
-        return vit.norm(x)
+                x = torch.cat([x[:, :start], self.prompts(i, x.shape[0]), x[:, end:]], dim=1)
+            x = run_block(block, x)
+        return self.vit.norm(x)
 
     def compile_tokens(self, mode: str = "default") -> None:
-        """torch.compile the token pipeline for training (parameters, hence checkpoint keys, unchanged).
-        The heads and the loss stay eager: their shapes depend on the task's class count, and leaving
-        them out lets every task of a sweep reuse the same compiled graphs. Static shapes: an odd batch
-        size would compile another graph, so the training loader keeps batches at one size.
-        Evaluation (autograd off) runs the eager pipeline: an inference graph takes longer to compile
-        than it saves on VTAB test sets (benchmarks/RESULTS.md). The blocks share one compiled region when
-        they are alike now; a later change to one block's modules needs another call."""
+        """Compile the token pipeline for training (parameters, hence checkpoint keys, unchanged).
+
+        Regional compilation: the embedding and the block are compiled, and every block of the same kind runs
+        the one block graph, so dynamo traces one block instead of twelve (a new process's first step on the
+        H200: 2.0 s instead of 4.5 s with a warm compile cache, 10.5 s instead of 24.6 s cold;
+        benchmarks/RESULTS.md). Dynamo's guards give a block that differs (other modules, settings, hooks) its
+        own graph. `cuda-graphs` then captures the compiled pipeline's forward and backward as one CUDA graph
+        each (`capture_tokens`) per batch shape, train/eval mode and autocast dtype, at its first training call.
+        The heads and the loss stay eager: their shapes depend on the task's class count, and leaving them out
+        lets every task of a sweep reuse the compiled code. Evaluation (autograd off) runs the eager pipeline:
+        an inference graph takes longer to compile than it saves on VTAB test sets (benchmarks/RESULTS.md)."""
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
         self.compile_mode = mode
-        self.blocks_share_code = blocks_alike(self.vit.blocks)
+        self.cuda_graphs = {}
 
     def store_frozen_weights_in(self, dtype: torch.dtype) -> None:
         """Keep the frozen Linear and Conv2d weights and biases in `dtype`, the autocast dtype the run trains
@@ -170,10 +153,15 @@ class PeftViT(nn.Module):
         return head(self.vit.head_drop(self.vit.fc_norm(token)))
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.compile_mode is not None and torch.is_grad_enabled():
-            x = compiled_tokens(self.compile_mode)(self, images)
-        else:
+        if self.compile_mode is None or not torch.is_grad_enabled():
             x = self.tokens(images)
+        elif self.compile_mode == "cuda-graphs":
+            key = (self.training, images.shape, images.dtype, images.device, autocast_dtype(images.device))
+            if key not in self.cuda_graphs:
+                self.cuda_graphs[key] = capture_tokens(self, images)
+            x = self.cuda_graphs[key](images)
+        else:
+            x = self.tokens(images, compiled=True)
         cls_logits = self.head(x[:, 0])
         gist_logits = self.head(x[:, 1], gist=True) if self.gist is not None else None
         return cls_logits, gist_logits
@@ -187,11 +175,35 @@ class PeftViT(nn.Module):
         return cls_logits
 
 
-# Inductor options of the compiled token pipeline. Buffer reuse off: with a reused nested compile region,
-# inductor (torch 2.11-2.14 at least) lets a later buffer overwrite one the region's backward still reads, and
-# the gradients of every block but the last come out wrong (tests/test_module.py catches it on the CPU).
-COMPILE_OPTIONS = {"allow_buffer_reuse": False}
-COMPILE_MODES = ("default", "reduce-overhead")  # reduce-overhead: the same, in CUDA graphs
+COMPILE_MODES = ("default", "cuda-graphs")
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def capture_tokens(model: PeftViT, images: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The compiled token pipeline's forward and backward, each captured as one CUDA graph
+    (`torch.cuda.make_graphed_callables`) for batches like `images`, in the model's current train/eval mode
+    and autocast dtype. A step then replays two graphs: no Python, guards or kernel launches of its own on the
+    host. The gradients it returns live in the graph's memory until the next step's backward, which the
+    training loop's zero_grad(set_to_none=True) allows for. Forward hooks inside the pipeline run only
+    while capturing.
+
+    The parameters are arguments of the captured function only so that its backward returns their gradients.
+    The capture's warm-up makes autograd's gradient-accumulation nodes on its side stream, and torch then warns
+    once that their stream differs from the training loop's; a step measured as fast as under torch's own CUDA
+    graphs (benchmarks/RESULTS.md)."""
+    heads = {id(p) for head in (model.vit.head, model.gist_head) if head is not None for p in head.parameters()}
+    params = tuple(p for p in model.parameters() if p.requires_grad and id(p) not in heads)
+
+    def run(images: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:  # called only while capturing
+        return model.tokens(images, compiled=True)
+
+    dtype = autocast_dtype(images.device)
+    with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
+        graphed = torch.cuda.make_graphed_callables(run, (images.clone(), *params), allow_unused_input=True)
+    return lambda batch: graphed(batch, *params)  # holds tensors, not the model: no reference cycle
 
 
 def skip_unread_graph_scripts() -> None:
@@ -250,13 +262,13 @@ def launch_own_kernels_statically() -> None:
 
 
 @functools.cache
-def compiled_tokens(mode: str):
-    """One compiled `PeftViT.tokens` per mode for the whole process. It holds no model, so a finished
-    job's model is freed at once; a compiled bound method would keep it alive until the next cyclic
+def compiled_parts() -> tuple[Callable, Callable]:
+    """The compiled `PeftViT.embed` and block call, one each for the whole process. They hold no model, so a
+    finished job's model is freed at once; a compiled bound method would keep it alive until the next cyclic
     garbage collection (seen on an H200 as 0.3 GiB per finished ViT-B/16 model)."""
-    if mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
     skip_unread_graph_scripts()
     launch_own_kernels_statically()
-    options = {**COMPILE_OPTIONS, "triton.cudagraphs": mode == "reduce-overhead"}
-    return torch.compile(PeftViT.tokens, dynamic=False, options=options)
+    # Dynamo leaves module hooks out of its guards by default, so a block with a hook would run the code traced
+    # for a block without one (seen on the CPU); with them guarded, that block gets a graph of its own.
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    return torch.compile(PeftViT.embed, dynamic=False), torch.compile(call_block, dynamic=False)
