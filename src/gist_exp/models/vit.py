@@ -124,10 +124,12 @@ class PeftViT(nn.Module):
 
         Regional compilation: the embedding and the block are compiled, and every block of the same kind runs
         the one block graph, so dynamo traces one block instead of twelve (a new process's first step on the
-        H200: 2.0 s instead of 4.5 s with a warm compile cache, 10.5 s instead of 24.6 s cold;
-        benchmarks/RESULTS.md). Dynamo's guards give a block that differs (other modules, settings, hooks) its
-        own graph. `cuda-graphs` then captures the compiled pipeline's forward and backward as one CUDA graph
-        each (`capture_tokens`) per batch shape, train/eval mode and autocast dtype, at its first training call.
+        H200: 2.0-2.3 s instead of about 4.5 s with a warm compile cache, 9-10.5 s instead of 20-25 s cold;
+        benchmarks/RESULTS.md). Dynamo's guards, module hooks included (`compiled_parts`), keep a block that
+        differs (other modules, settings, hooks) from running another block's code. `cuda-graphs` then captures
+        the compiled pipeline's forward and backward as one CUDA graph each (`capture_tokens`) per batch shape,
+        train/eval mode and autocast dtype, at its first training call. Static shapes: a batch of another size
+        compiles and captures again, so the training loader keeps batches at one size.
         The heads and the loss stay eager: their shapes depend on the task's class count, and leaving them out
         lets every task of a sweep reuse the compiled code. Evaluation (autograd off) runs the eager pipeline:
         an inference graph takes longer to compile than it saves on VTAB test sets (benchmarks/RESULTS.md)."""
@@ -188,7 +190,8 @@ def capture_tokens(model: PeftViT, images: torch.Tensor) -> Callable[[torch.Tens
     and autocast dtype. A step then replays two graphs: no Python, guards or kernel launches of its own on the
     host. The gradients it returns live in the graph's memory until the next step's backward, which the
     training loop's zero_grad(set_to_none=True) allows for. Forward hooks inside the pipeline run only
-    while capturing.
+    while capturing. The graphs read the parameters' memory: a parameter given a new tensor afterwards
+    (`param.data = ...`) would not be seen, so `store_frozen_weights_in` runs before the first training step.
 
     The parameters are arguments of the captured function only so that its backward returns their gradients.
     The capture's warm-up makes autograd's gradient-accumulation nodes on its side stream, and torch then warns
