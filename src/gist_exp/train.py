@@ -43,8 +43,8 @@ CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema.*")
-# compile=true's CUDA graph capture (models/vit.py: capture_tokens) makes autograd's gradient-accumulation nodes
-# on the capture's stream; the step was measured as fast as under torch's own CUDA graphs (benchmarks/RESULTS.md).
+# Printed once under compile=true's CUDA graph capture (models/vit.py: capture_tokens); the step was measured as fast
+# as under torch's own CUDA graphs (benchmarks/RESULTS.md).
 warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
 logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 

@@ -194,9 +194,9 @@ def capture_tokens(model: PeftViT, images: torch.Tensor) -> Callable[[torch.Tens
     (`param.data = ...`) would not be seen, so `store_frozen_weights_in` runs before the first training step.
 
     The parameters are arguments of the captured function only so that its backward returns their gradients.
-    The capture's warm-up makes autograd's gradient-accumulation nodes on its side stream, and torch then warns
-    once that their stream differs from the training loop's; a step measured as fast as under torch's own CUDA
-    graphs (benchmarks/RESULTS.md)."""
+    torch then warns once that an AccumulateGrad node's stream differs from the training loop's (why was not
+    pinned down: capturing through aliases of the parameters warned too); a step measured as fast as under
+    torch's own CUDA graphs (benchmarks/RESULTS.md)."""
     heads = {id(p) for head in (model.vit.head, model.gist_head) if head is not None for p in head.parameters()}
     params = tuple(p for p in model.parameters() if p.requires_grad and id(p) not in heads)
 
@@ -272,6 +272,6 @@ def compiled_parts() -> tuple[Callable, Callable]:
     skip_unread_graph_scripts()
     launch_own_kernels_statically()
     # Dynamo leaves module hooks out of its guards by default, so a block with a hook would run the code traced
-    # for a block without one (seen on the CPU); with them guarded, that block gets a graph of its own.
+    # for a block without one (seen on the CPU); with them guarded, it computes what it computes eagerly.
     torch._dynamo.config.skip_nnmodule_hook_guards = False
     return torch.compile(PeftViT.embed, dynamic=False), torch.compile(call_block, dynamic=False)
