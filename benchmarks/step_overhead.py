@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/step_overhead.py [--steps 60] [--variants ...] [--profile] [--eval]
         [--adapter-form ...] [--block-form ...] [--no-kernels] [--frozen-fp32] [--bf16-stream]
-        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N]
+        [--conv-patch-embed] [--sdpa ...] [--inductor NAME=VALUE ...] [--next-models N [--collect]]
 
 ViT-B/16 adapter + GIST, batch 64, random uint8 images already on the GPU. Each variant runs the
 same step (forward, GIST loss, backward, fused AdamW, zero_grad) and reports the median step time
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
+import gc
 import statistics
 import time
 
@@ -29,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 import adapter_forms
 import block_forms
 import gist_exp.models.vit
+from gist_exp.models.vit import free_cublas_workspaces
 from gist_exp.models import build_model, gist_loss
 from gist_exp.models.adapter import Adapter
 
@@ -203,6 +205,9 @@ def main() -> None:
     parser.add_argument("--next-models", type=int, default=0, metavar="N",
                         help="then train N more models in turn, as a long sweep in one process does, and "
                              "report each one's warmup, step time and GPU memory")
+    parser.add_argument("--collect", action="store_true",
+                        help="with --next-models: after dropping each model, collect, free cuBLAS's workspaces and "
+                             "empty the CUDA cache, as train.run does after every job, and report the memory left")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     only_sdpa(args.sdpa)
@@ -237,12 +242,14 @@ def main() -> None:
         del model, optimizer, step
         torch.cuda.empty_cache()
         if args.next_models:
-            next_models(variant, args.peft, args.next_models, images, labels, settings)
+            next_models(variant, args.peft, args.next_models, images, labels, settings, args.collect)
 
 
-def next_models(variant: str, peft: str, count: int, images, labels, settings: dict) -> None:
-    """Models of changing class counts trained one after another, the previous one dropped first."""
-    print(f"  {'model':>5} {'classes':>7} {'warmup s':>8} {'step ms':>8} {'allocated GiB':>13} {'reserved GiB':>12}")
+def next_models(variant: str, peft: str, count: int, images, labels, settings: dict, collect: bool) -> None:
+    """Models of changing class counts trained one after another, the previous one dropped first (and, with
+    `collect`, collected as train.run does)."""
+    print(f"  {'model':>5} {'classes':>7} {'warmup s':>8} {'step ms':>8} {'allocated GiB':>13} {'reserved GiB':>12}"
+          + (f" {'after collect GiB':>17}" if collect else ""))
     for i in range(count):
         classes = (10, 100, 2, 397, 47)[i % 5]
         model, optimizer, loss_fn, _ = make(variant, peft, num_classes=classes, **settings)
@@ -251,8 +258,14 @@ def next_models(variant: str, peft: str, count: int, images, labels, settings: d
         r = measure(step, 20, images, labels % classes)
         print(f"  {i + 1:>5} {classes:>7} {warm_s:>8.2f} {r['step_ms']:>8.2f} "
               f"{torch.cuda.memory_allocated() / 2**30:>13.2f} {torch.cuda.memory_reserved() / 2**30:>12.2f}",
-              flush=True)
+              end="", flush=True)
         del model, optimizer, step
+        if collect:
+            gc.collect()
+            free_cublas_workspaces()
+            torch.cuda.empty_cache()
+            print(f" {torch.cuda.memory_allocated() / 2**30:>17.2f}", end="")
+        print(flush=True)
 
 
 if __name__ == "__main__":

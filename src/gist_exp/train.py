@@ -16,6 +16,7 @@ import sys
 import time
 import traceback
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from .data import Task, VTabDataModule, get_task
 from .data.tasks import UnknownTaskError, canonical_task_name
 from .errors import ConfigError, GistExpError
 from .models import build_model, count_parameters
+from .models.vit import free_cublas_workspaces
 from .module import GistModule, LossWeights, Schedule
 from .results import base_record, read_results, write_results
 
@@ -158,10 +160,9 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False, callbacks: li
         log.exception("run failed")
     finally:
         close_loggers(job.loggers)
+        model = weakref.ref(job.module.model)
         del job
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        release_gpu_memory(model)
     record["wall_s"] = round(time.perf_counter() - start, 2)
     path = write_results(output_dir, record)
     if record["status"] == "completed":
@@ -269,6 +270,17 @@ class Job:
     params: dict
     max_epochs: int
     loggers: list = field(default_factory=list)
+
+
+def release_gpu_memory(model: weakref.ref) -> None:
+    """After a job, with the job dropped: collect its objects and give its GPU memory back, so that the next job
+    of a sweep in this process starts from the same memory. cuBLAS's workspaces go too (compile=true leaves one
+    per job), but only once the job's model is gone: its CUDA graphs, which still use theirs, go with it."""
+    gc.collect()
+    if torch.cuda.is_available():
+        if model() is None:
+            free_cublas_workspaces()
+        torch.cuda.empty_cache()
 
 
 def prepare(cfg: DictConfig, config: dict) -> Job:

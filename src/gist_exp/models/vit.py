@@ -124,7 +124,7 @@ class PeftViT(nn.Module):
 
         Regional compilation: the embedding and the block are compiled, and every block of the same kind runs
         the one block graph, so dynamo traces one block instead of twelve (a new process's first step on the
-        H200: 2.0-2.3 s instead of about 4.5 s with a warm compile cache, 9-10.5 s instead of 20-25 s cold;
+        H200: 2.0-2.3 s instead of about 4.5 s with a warm compile cache, 9-14.7 s instead of 20-25 s cold;
         benchmarks/RESULTS.md). Dynamo's guards, module hooks included (`compiled_parts`), keep a block that
         differs (other modules, settings, hooks) from running another block's code. `cuda-graphs` then captures
         the compiled pipeline's forward and backward as one CUDA graph each (`capture_tokens`) per batch shape,
@@ -192,6 +192,8 @@ def capture_tokens(model: PeftViT, images: torch.Tensor) -> Callable[[torch.Tens
     training loop's zero_grad(set_to_none=True) allows for. Forward hooks inside the pipeline run only
     while capturing. The graphs read the parameters' memory: a parameter given a new tensor afterwards
     (`param.data = ...`) would not be seen, so `store_frozen_weights_in` runs before the first training step.
+    Each capture leaves cuBLAS a workspace for the stream it ran on; `train.run` frees them after the job
+    (`free_cublas_workspaces`).
 
     The parameters are arguments of the captured function only so that its backward returns their gradients.
     torch then warns once that an AccumulateGrad node's stream differs from the training loop's (why was not
@@ -207,6 +209,17 @@ def capture_tokens(model: PeftViT, images: torch.Tensor) -> Callable[[torch.Tens
     with torch.autocast(images.device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=False):
         graphed = torch.cuda.make_graphed_callables(run, (images.clone(), *params), allow_unused_input=True)
     return lambda batch: graphed(batch, *params)  # holds tensors, not the model: no reference cycle
+
+
+def free_cublas_workspaces() -> None:
+    """Free the workspaces cuBLAS keeps for every stream it has run on. `make_graphed_callables` warms up and
+    captures on a new stream each time, so every `capture_tokens` left one behind for the life of the process:
+    0.064 GiB per finished ViT-B/16 model on an H200, which gc does not free (benchmarks/RESULTS.md). Call it
+    only when no CUDA graph that ran a matmul is alive: a graph keeps writing to the workspace it was captured
+    with. cuBLAS allocates a new workspace at its next call."""
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None and torch.cuda.is_available():
+        clear()
 
 
 def skip_unread_graph_scripts() -> None:
