@@ -19,9 +19,9 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import gc
 import statistics
 import time
+import weakref
 
 import torch
 import torch._inductor.config
@@ -30,7 +30,6 @@ from torch.profiler import ProfilerActivity, profile
 import adapter_forms
 import block_forms
 import gist_exp.models.vit
-from gist_exp.models.vit import free_cublas_workspaces
 from gist_exp.models import build_model, gist_loss
 from gist_exp.models.adapter import Adapter
 
@@ -206,8 +205,8 @@ def main() -> None:
                         help="then train N more models in turn, as a long sweep in one process does, and "
                              "report each one's warmup, step time and GPU memory")
     parser.add_argument("--collect", action="store_true",
-                        help="with --next-models: after dropping each model, collect, free cuBLAS's workspaces and "
-                             "empty the CUDA cache, as train.run does after every job, and report the memory left")
+                        help="with --next-models: after dropping each model, release its memory as train.run does "
+                             "after every job (release_gpu_memory), and report the memory left")
     args = parser.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     only_sdpa(args.sdpa)
@@ -247,9 +246,11 @@ def main() -> None:
 
 def next_models(variant: str, peft: str, count: int, images, labels, settings: dict, collect: bool) -> None:
     """Models of changing class counts trained one after another, the previous one dropped first (and, with
-    `collect`, collected as train.run does)."""
+    `collect`, released as train.run releases a finished job's)."""
+    if collect:
+        from gist_exp.train import release_gpu_memory  # imports Lightning and Hydra: only when asked
     print(f"  {'model':>5} {'classes':>7} {'warmup s':>8} {'step ms':>8} {'allocated GiB':>13} {'reserved GiB':>12}"
-          + (f" {'after collect GiB':>17}" if collect else ""))
+          + (f" {'after release GiB':>17}" if collect else ""))
     for i in range(count):
         classes = (10, 100, 2, 397, 47)[i % 5]
         model, optimizer, loss_fn, _ = make(variant, peft, num_classes=classes, **settings)
@@ -259,11 +260,10 @@ def next_models(variant: str, peft: str, count: int, images, labels, settings: d
         print(f"  {i + 1:>5} {classes:>7} {warm_s:>8.2f} {r['step_ms']:>8.2f} "
               f"{torch.cuda.memory_allocated() / 2**30:>13.2f} {torch.cuda.memory_reserved() / 2**30:>12.2f}",
               end="", flush=True)
+        dropped = weakref.ref(model)
         del model, optimizer, step
         if collect:
-            gc.collect()
-            free_cublas_workspaces()
-            torch.cuda.empty_cache()
+            release_gpu_memory(dropped)
             print(f" {torch.cuda.memory_allocated() / 2**30:>17.2f}", end="")
         print(flush=True)
 
